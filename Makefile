@@ -1,0 +1,18 @@
+# Developer commands. The test suite that CI runs is the README's: `bash .ci/run`.
+.PHONY: dev sync readme test
+
+# Clean and export the notebooks, refresh README.md from nbs/index.ipynb, run the quick tests (no slow ones).
+dev: sync readme
+	.venv/bin/nbdev_test
+	.venv/bin/pytest tests/ -m "not slow" -q
+
+sync:
+	.venv/bin/nbdev_clean
+	.venv/bin/nbdev_export
+
+# README.md is the markdown of nbs/index.ipynb (quarto, which nbdev_readme needs, is not installable everywhere).
+readme:
+	.venv/bin/python -c "import json; nb = json.load(open('nbs/index.ipynb')); print('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown'))" > README.md
+
+test:
+	bash .ci/run

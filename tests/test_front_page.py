@@ -1,0 +1,63 @@
+"The front page: README.md and nbs/index.ipynb agree, CI runs the README's test command, and the README's main job runs."
+import json, os, re, shlex, subprocess, sys
+from pathlib import Path
+
+from conftest import ROOT
+
+def sh_blocks(markdown):
+    "The ```sh fenced blocks of a markdown text, in order."
+    return [b.strip() for b in re.findall(r'```sh\n(.*?)```', markdown, flags=re.S)]
+
+def index_markdown():
+    nb = json.loads((ROOT/'nbs'/'index.ipynb').read_text())
+    return '\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+
+def readme_commands():
+    main_job, test_suite = sh_blocks((ROOT/'README.md').read_text())
+    return main_job, test_suite
+
+def test_readme_and_index_give_the_same_commands():
+    assert sh_blocks((ROOT/'README.md').read_text()) == sh_blocks(index_markdown()), \
+        'README.md and nbs/index.ipynb disagree on the set-up commands: edit the notebook, then `make readme`'
+
+def test_readme_is_the_index_notebook():
+    assert (ROOT/'README.md').read_text().strip() == index_markdown().strip(), \
+        'README.md is not the markdown of nbs/index.ipynb: edit the notebook, then `make readme`'
+
+def ci_phases():
+    "The commands `.ci/run` assigns to its install, notebooks and pytest phases."
+    text = (ROOT/'.ci'/'run').read_text()
+    return [shlex.split(re.search(rf"^{name}=(.*)$", text, flags=re.M).group(1))[0]
+            for name in ('INSTALL', 'NOTEBOOKS', 'PYTEST')]
+
+def test_ci_runs_exactly_the_readme_test_command():
+    _, test_suite = readme_commands()
+    assert ' && '.join(ci_phases()) == test_suite
+
+def test_test_command_runs_every_notebook_and_every_test():
+    _, test_suite = readme_commands()
+    assert 'nbdev_test --flags slow' in test_suite and '--path' not in test_suite
+    assert test_suite.endswith('pytest tests/'), 'pytest must run all of tests/, without deselection'
+
+def test_readme_main_job_runs(tmp_path):
+    "Run the README's main job (its commands after the install) with this environment's scripts."
+    main_job, _ = readme_commands()
+    steps = [s.strip() for s in main_job.split('&&')]
+    job = [s for s in steps if not s.startswith('python3 -m venv') and 'pip install' not in s]
+    assert job, f'no main-job command after the install in {main_job!r}'
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, 'UAS_BENCH_DIR': str(tmp_path)}
+    for step in job:
+        args = shlex.split(step.replace('.venv/bin/', f'{bindir}/'))
+        res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert re.search(r'^RESULT \S+ ', res.stdout, flags=re.M), res.stdout
+
+def test_python_dash_m_bench_dispatches(tmp_path):
+    env = {**os.environ, 'UAS_BENCH_DIR': str(tmp_path)}
+    res = subprocess.run([sys.executable, '-m', 'uas.bench', 'env'], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith('RESULT env torch=')
+    assert json.loads((tmp_path/'env.json').read_text())['results']['video_backends']['pyav'] == 'ok'
+    bad = subprocess.run([sys.executable, '-m', 'uas.bench', 'no-such-benchmark'], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and 'usage: uas_bench NAME' in bad.stderr

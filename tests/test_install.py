@@ -1,0 +1,45 @@
+"Fresh-install checks: the package builds, carries every module and console script, and runs outside the checkout."
+import os, subprocess, sys, zipfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp('wheel')
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(out), str(ROOT)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return next(out.glob('uas-*.whl'))
+
+def test_wheel_holds_every_exported_module(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {f'uas/{p.name}' for p in (ROOT/'uas').glob('*.py')}
+    assert modules <= names, modules - names
+
+def test_wheel_metadata(wheel):
+    z = zipfile.ZipFile(wheel)
+    meta = z.read(next(n for n in z.namelist() if n.endswith('METADATA'))).decode()
+    assert 'Requires-Python: >=3.10' in meta
+    assert 'Requires-Dist: decord>=0.6; sys_platform != "darwin" or platform_machine != "arm64"' in meta
+    assert 'Requires-Dist: av>=12' in meta
+    runtime = [l for l in meta.splitlines() if l.startswith('Requires-Dist:') and 'extra ==' not in l]
+    assert not [l for l in runtime if 'nbdev' in l or 'execnb' in l], 'the nbdev pins belong to the dev extra'
+    assert 'Requires-Dist: nbdev<3,>=2.4; extra == "dev"' in meta
+    entry = z.read(next(n for n in z.namelist() if n.endswith('entry_points.txt'))).decode()
+    assert 'uas_bench = uas.bench:main' in entry
+
+@pytest.mark.slow
+def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
+    "Install the wheel alone into a folder and run a benchmark from elsewhere: results go to the current folder."
+    site = tmp_path/'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    work = tmp_path/'work'; work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != 'UAS_BENCH_DIR'}
+    env['PYTHONPATH'] = str(site)
+    res = subprocess.run([sys.executable, '-c', 'import uas, sys; print(uas.__file__); sys.exit(__import__("uas.bench").bench.main(["env"]))'],
+                         capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith(str(site))
+    assert (work/'figures'/'data'/'env.json').exists()
