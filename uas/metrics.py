@@ -6,13 +6,13 @@
 __all__ = ['as_scores_labels', 'ranked_classes', 'top_k_accuracy', 'predict', 'per_class_recall', 'mean_class_accuracy',
            'confusion_matrix', 'class_report', 'average_views', 'evaluate']
 
-# %% ../nbs/08_metrics.ipynb #54a641ab
+# %% ../nbs/08_metrics.ipynb #03a52c45
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/08_metrics.ipynb #f0e7af04
+# %% ../nbs/08_metrics.ipynb #dc004b09
 def as_scores_labels(scores, # `[N, C]` class scores: numpy array, torch tensor or list of rows
                      labels, # `N` integer class ids in `0..C-1`
                     ):
@@ -33,7 +33,7 @@ def as_scores_labels(scores, # `[N, C]` class scores: numpy array, torch tensor 
                          f'(scores have {scores.shape[1]} classes)')
     return scores, labels
 
-# %% ../nbs/08_metrics.ipynb #6b7ef177
+# %% ../nbs/08_metrics.ipynb #daf74db3
 def ranked_classes(scores, # `[N, C]` class scores
                    k:int, # how many classes to keep per row
                   ):
@@ -41,7 +41,7 @@ def ranked_classes(scores, # `[N, C]` class scores
     scores = np.asarray(scores)
     return np.argsort(scores, axis=1, kind='stable')[:, ::-1][:, :k]
 
-# %% ../nbs/08_metrics.ipynb #481eb602
+# %% ../nbs/08_metrics.ipynb #c25234ae
 def top_k_accuracy(scores, # `[N, C]` class scores
                    labels, # `N` integer class ids
                    topk=(1, 5), # one k or a tuple of k values
@@ -54,13 +54,13 @@ def top_k_accuracy(scores, # `[N, C]` class scores
     accs = [float((ranked[:, :k] == labels[:, None]).any(axis=1).mean()) for k in ks]
     return accs[0] if isinstance(topk, int) else accs
 
-# %% ../nbs/08_metrics.ipynb #f060654b
+# %% ../nbs/08_metrics.ipynb #6d459bf3
 def predict(scores, # `[N, C]` class scores
            ):
     "Predicted class of each row: the first (lowest-index) maximum, as `np.argmax` and mmaction's mean class accuracy."
     return np.asarray(scores).argmax(axis=1)
 
-# %% ../nbs/08_metrics.ipynb #4ffc1975
+# %% ../nbs/08_metrics.ipynb #93a0b57e
 def per_class_recall(scores, # `[N, C]` class scores
                      labels, # `N` integer class ids
                     ):
@@ -71,7 +71,7 @@ def per_class_recall(scores, # `[N, C]` class scores
     support = np.bincount(labels, minlength=num_classes)
     with np.errstate(invalid='ignore', divide='ignore'): return hits / support
 
-# %% ../nbs/08_metrics.ipynb #38ec4dbc
+# %% ../nbs/08_metrics.ipynb #9345b3a6
 def mean_class_accuracy(scores, # `[N, C]` class scores
                         labels, # `N` integer class ids
                         classes:str='union', # 'union': mmaction's and the paper's (true or predicted classes); 'true': the usual (true classes)
@@ -84,7 +84,7 @@ def mean_class_accuracy(scores, # `[N, C]` class scores
     if classes == 'union': present |= np.bincount(predict(scores), minlength=scores.shape[1]) > 0
     return float(np.nan_to_num(recall[present]).mean())
 
-# %% ../nbs/08_metrics.ipynb #2145a8c7
+# %% ../nbs/08_metrics.ipynb #a2328a04
 def confusion_matrix(scores, # `[N, C]` class scores
                      labels, # `N` integer class ids
                      normalize:str|None=None, # None (counts), 'true' (rows sum to 1), 'pred' (columns), 'all'
@@ -99,7 +99,7 @@ def confusion_matrix(scores, # `[N, C]` class scores
     total = {'true': counts.sum(1, keepdims=True), 'pred': counts.sum(0, keepdims=True), 'all': counts.sum()}[normalize]
     with np.errstate(invalid='ignore', divide='ignore'): return np.nan_to_num(counts / total)
 
-# %% ../nbs/08_metrics.ipynb #911128ab
+# %% ../nbs/08_metrics.ipynb #ae4fa8aa
 def class_report(scores, # `[N, C]` class scores
                  labels, # `N` integer class ids
                  class_names=None, # `C` names for the rows; class ids when None
@@ -115,7 +115,7 @@ def class_report(scores, # `[N, C]` class scores
     index = pd.Index(list(class_names) if class_names is not None else range(len(counts)), name='class')
     return pd.DataFrame({'precision': precision, 'recall': recall, 'f1': f1, 'support': support}, index=index)
 
-# %% ../nbs/08_metrics.ipynb #268ac0c1
+# %% ../nbs/08_metrics.ipynb #2175c3bc
 def average_views(scores, # `[N, V, C]` view scores, or `[N*V, C]` with each video's views adjacent (then give `views`)
                   views:int|None=None, # V, the number of views per video, when `scores` is `[N*V, C]`
                   mode:str='prob', # 'prob': mean of softmax probabilities (the paper's); 'score': mean of raw scores
@@ -133,7 +133,7 @@ def average_views(scores, # `[N, V, C]` view scores, or `[N*V, C]` with each vid
     out = (F.softmax(x, dim=-1) if mode == 'prob' else x).mean(dim=1)
     return out if is_tensor else out.numpy()
 
-# %% ../nbs/08_metrics.ipynb #5d7d6607
+# %% ../nbs/08_metrics.ipynb #5a4565ab
 def evaluate(scores, # `[N, C]` class scores (views already averaged)
              labels, # `N` integer class ids
              topk=(1, 5), # the k of the top-k accuracies
