@@ -8,7 +8,7 @@ __all__ = ['get_window_size', 'window_partition', 'window_reverse', 'compute_mas
            'SwinTransformer3D', 'pool', 'swin3d_t', 'swin3d_s', 'swin3d_b', 'swin3d_l', 'swin3d_mini',
            'convert_torchvision_state_dict']
 
-# %% ../nbs/02_backbone.ipynb #530cffc5
+# %% ../nbs/02_backbone.ipynb #e0356e81
 import math
 from functools import lru_cache
 
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-# %% ../nbs/02_backbone.ipynb #497356f2
+# %% ../nbs/02_backbone.ipynb #30742b05
 def get_window_size(size:tuple, # token grid `(D, H, W)` of the input
                     window_size:tuple, # the configured window `(Wd, Wh, Ww)`
                     shift_size:tuple=None # the configured shift, if any
@@ -28,7 +28,7 @@ def get_window_size(size:tuple, # token grid `(D, H, W)` of the input
     if shift_size is None: return window
     return window, tuple(0 if s <= w else sh for s, w, sh in zip(size, window_size, shift_size))
 
-# %% ../nbs/02_backbone.ipynb #733f1903
+# %% ../nbs/02_backbone.ipynb #bbc4b1ec
 def window_partition(x:torch.Tensor, # tokens `[B, D, H, W, C]`, each of D, H, W a multiple of the window
                      window_size:tuple # `(Wd, Wh, Ww)`
                     ) -> torch.Tensor: # windows `[B*nW, Wd*Wh*Ww, C]`
@@ -48,7 +48,7 @@ def window_reverse(windows:torch.Tensor, # `[B*nW, Wd*Wh*Ww, C]`
     x = windows.view(-1, D // wd, H // wh, W // ww, wd, wh, ww, C)
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, D, H, W, C)
 
-# %% ../nbs/02_backbone.ipynb #e3ba39ea
+# %% ../nbs/02_backbone.ipynb #af45f683
 def _regions(size, window_size, shift_size):
     "Region label of every token of a padded grid after the roll by `-shift` (27 regions)."
     labels = torch.zeros(size)
@@ -72,7 +72,7 @@ def compute_mask(size:tuple, # the padded grid `(D, H, W)`
         mask = labels[:, None, :] - labels[:, :, None]
         return mask.ne(0).float().mul(-100.).to(device)
 
-# %% ../nbs/02_backbone.ipynb #f49a29de
+# %% ../nbs/02_backbone.ipynb #71a4db3b
 @lru_cache(maxsize=16)
 def relative_position_index(window_size:tuple, # `(Wd, Wh, Ww)`
                             device:torch.device=torch.device('cpu')
@@ -85,7 +85,7 @@ def relative_position_index(window_size:tuple, # `(Wd, Wh, Ww)`
         wd, wh, ww = window_size
         return (rel[..., 0] * (2*wh - 1) * (2*ww - 1) + rel[..., 1] * (2*ww - 1) + rel[..., 2]).to(device)
 
-# %% ../nbs/02_backbone.ipynb #c7426ceb
+# %% ../nbs/02_backbone.ipynb #2d6cb66e
 def window_attention(q:torch.Tensor, # queries `[B*nW, heads, N, d]`
                      k:torch.Tensor, # keys, like `q`
                      v:torch.Tensor, # values, like `q`
@@ -111,7 +111,7 @@ def window_attention(q:torch.Tensor, # queries `[B*nW, heads, N, d]`
     attn = F.dropout(attn.softmax(-1), dropout, training=dropout > 0)
     return attn @ v
 
-# %% ../nbs/02_backbone.ipynb #e38595c1
+# %% ../nbs/02_backbone.ipynb #9676c118
 class WindowAttention3D(nn.Module):
     "Window multi-head self-attention with a 3D relative position bias (W-MSA / SW-MSA)."
     def __init__(self, dim:int, # channels
@@ -151,7 +151,7 @@ class WindowAttention3D(nn.Module):
                              self.attn_drop.p if self.training else 0., self.fast)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
 
-# %% ../nbs/02_backbone.ipynb #5f1788c5
+# %% ../nbs/02_backbone.ipynb #947eb6a7
 class SwinTransformerBlock3D(nn.Module):
     "Video Swin block: (shifted) window attention and an MLP, each a pre-norm residual branch with drop path."
     def __init__(self, dim:int, # channels
@@ -201,7 +201,7 @@ class SwinTransformerBlock3D(nn.Module):
         if self.use_checkpoint and torch.is_grad_enabled(): return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-# %% ../nbs/02_backbone.ipynb #bebad234
+# %% ../nbs/02_backbone.ipynb #de7cab63
 class PatchEmbed3D(nn.Module):
     "Video to patch tokens: pad to whole patches, Conv3d with kernel = stride = patch, optional LayerNorm."
     def __init__(self, patch_size:tuple=(2, 4, 4), # patch `(Pt, Ph, Pw)`
@@ -238,7 +238,7 @@ class PatchMerging(nn.Module):
         x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x))
 
-# %% ../nbs/02_backbone.ipynb #a0ed21e8
+# %% ../nbs/02_backbone.ipynb #65bb3403
 class BasicLayer(nn.Module):
     "One stage: `depth` blocks alternating plain and shifted windows, then an optional downsampling."
     def __init__(self, dim:int, # channels
@@ -269,7 +269,7 @@ class BasicLayer(nn.Module):
         for block in self.blocks: x = block(x)
         return self.downsample(x) if self.downsample is not None else x
 
-# %% ../nbs/02_backbone.ipynb #e6b2c7a7
+# %% ../nbs/02_backbone.ipynb #4316f26b
 class SwinTransformer3D(nn.Module):
     "Video Swin Transformer backbone: clip `[N, 3, T, H, W]` -> feature map `[N, C, T', H', W']`."
     def __init__(self, patch_size:tuple=(2, 4, 4), # patch `(Pt, Ph, Pw)`
@@ -294,7 +294,7 @@ class SwinTransformer3D(nn.Module):
         self.window_size, self.patch_size, self.frozen_stages = tuple(window_size), tuple(patch_size), frozen_stages
         self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList([
             BasicLayer(embed_dim * 2**i, depths[i], num_heads[i], window_size, mlp_ratio, qkv_bias, qk_scale, drop_rate,
                        attn_drop_rate, dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer,
@@ -349,13 +349,13 @@ class SwinTransformer3D(nn.Module):
         "Global average of the feature map: one vector per clip."
         return pool(self(x))
 
-# %% ../nbs/02_backbone.ipynb #aad65643
+# %% ../nbs/02_backbone.ipynb #a1335939
 def pool(features:torch.Tensor # feature map `[N, C, T, H, W]`
         ) -> torch.Tensor: # `[N, C]`
     "Global average pooling of a feature map over time and space."
     return features.mean((2, 3, 4))
 
-# %% ../nbs/02_backbone.ipynb #cb9bea4b
+# %% ../nbs/02_backbone.ipynb #12592fe7
 _PRESETS = dict(
     swin3d_t=dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     swin3d_s=dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
@@ -371,7 +371,7 @@ def swin3d_b(**kw) -> SwinTransformer3D: "Video Swin-B (88M), the backbone of th
 def swin3d_l(**kw) -> SwinTransformer3D: "Video Swin-L (196M)." ; return _preset('swin3d_l', kw)
 def swin3d_mini(**kw) -> SwinTransformer3D: "A 2M-parameter Video Swin for tests and small experiments." ; return _preset('swin3d_mini', kw)
 
-# %% ../nbs/02_backbone.ipynb #c5d09d6b
+# %% ../nbs/02_backbone.ipynb #9ac4c5a6
 def convert_torchvision_state_dict(sd:dict # state dict of a torchvision `swin3d_*` model
                                   ) -> dict: # the same weights under the official Video Swin names
     "Rename torchvision `swin3d_*` weights to `SwinTransformer3D`'s (official) names; drops `head.*` and index buffers."
