@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'weights_hash', 'describe_pipeline', 'describe_dataset', 'CacheMismatchError', 'cache_identity',
-           'check_identity', 'FeatureCache', 'extract_features']
+           'check_identity', 'FeatureCache', 'GuardedClips', 'extract_features']
 
 # %% ../nbs/06_features.ipynb #c62798a4
 import hashlib, json, os, random, time, warnings
@@ -95,7 +95,7 @@ def _save_atomic(obj, path:Path):
         f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
 
-# %% ../nbs/06_features.ipynb #897e23f9
+# %% ../nbs/06_features.ipynb #fe323d9b
 class FeatureCache:
     "A folder of feature shards and its manifest; `features`, `labels`, `indices`, `failures` load on first use."
     def __init__(self, root, # the cache's folder, holding `manifest.json`
@@ -122,7 +122,8 @@ class FeatureCache:
         if self._data is None:
             shards = [torch.load(self.shard_path(i), weights_only=True) for i in self.done()]
             if not shards: raise FileNotFoundError(f'the feature cache at {self.root} has no finished shard')
-            self._data = {k: torch.cat([s[k] for s in shards]) for k in ('features', 'labels', 'indices')}
+            kept = [s for s in shards if len(s['indices'])] or shards[:1]  # a shard of failed clips only has no feature shape
+            self._data = {k: torch.cat([s[k] for s in kept]) for k in ('features', 'labels', 'indices')}
             self._data['failures'] = [f for s in shards for f in s['failures']]
         return self._data
     @property
@@ -138,7 +139,7 @@ class FeatureCache:
         return (f'FeatureCache({str(self.root)!r}: {len(self.done())}/{self.num_shards} shards, '
                 f"{self.num_clips} clips, {self.identity['aug_views']} aug view(s), {self.identity['dtype']})")
 
-# %% ../nbs/06_features.ipynb #86114feb
+# %% ../nbs/06_features.ipynb #184b65a7
 @contextmanager
 def _seeded(seed:int):
     "Seed Python, numpy and torch for the block, then restore their previous states."
@@ -148,9 +149,11 @@ def _seeded(seed:int):
         try: yield
         finally: random.setstate(states[0]); np.random.set_state(states[1])
 
-class _Guarded(torch.utils.data.Dataset):
-    "Items `(index, draw)` of `dataset`, seeded per item; an error reading one becomes `{'index', 'error'}`."
-    def __init__(self, dataset, seed=0): self.dataset, self.seed = dataset, seed
+class GuardedClips(torch.utils.data.Dataset):
+    "Items `(index, draw)` of `dataset`, seeded per item; an error reading one becomes `{'index', 'draw', 'error'}`."
+    def __init__(self, dataset, # map-style dataset of `{'clip', 'label', 'index'}`
+                 seed:int=0, # with `(index, draw)`, seeds Python, numpy and torch around each read
+                ): self.dataset, self.seed = dataset, seed
     def __len__(self): return len(self.dataset)
     def __getitem__(self, item):
         index, draw = item
@@ -194,7 +197,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
                 indices=torch.tensor(kept, dtype=torch.long),
                 failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
 
-# %% ../nbs/06_features.ipynb #0acb2ab7
+# %% ../nbs/06_features.ipynb #d175f3ac
 def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, H, W]` -> `[N, C, T', H', W']`
                      dataset, # map-style dataset of `{'clip': [V, 3, T, H, W], 'label', 'index'}`, e.g. `uas.data.VideoDataset`
                      cache_dir, # the cache's folder (created, or resumed when it exists)
@@ -229,7 +232,7 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
     todo = [i for i in range(cache.num_shards) if not cache.shard_path(i).exists()]
     was_training = backbone.training
     backbone = backbone.eval().to(device)
-    guarded, start = _Guarded(dataset, seed), time.perf_counter()
+    guarded, start = GuardedClips(dataset, seed), time.perf_counter()
     try:
         with tqdm(total=sum(len(cache.shard_range(i)) for i in todo), unit='clip', disable=not progress,
                   desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:

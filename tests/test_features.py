@@ -1,0 +1,136 @@
+"Feature cache: identity checks, resumable extraction counted in backbone calls, atomic shards, failures reported."
+import json, warnings
+
+import pytest
+import torch
+
+from uas.backbone import swin3d_mini
+from uas.features import (CacheMismatchError, FeatureCache, GuardedClips, cache_identity, extract_features, weights_hash)
+
+
+class Clips(torch.utils.data.Dataset):
+    "`n` random clips `[1, 3, 8, 32, 32]` labelled `i % 3`; reading an index in `broken` fails as a bad file would."
+    def __init__(self, n, broken=()): self.n, self.broken = n, set(broken)
+    def __len__(self): return self.n
+    def __getitem__(self, i):
+        if i in self.broken: raise OSError(f'clip_{i}.mp4: invalid data found when processing input')
+        return {'clip': torch.randn(1, 3, 8, 32, 32, generator=torch.Generator().manual_seed(i)), 'label': i % 3, 'index': i}
+
+
+@pytest.fixture(scope='module')
+def backbone():
+    torch.manual_seed(0)
+    return swin3d_mini()
+
+
+def count_calls(module):
+    "A list that grows by the batch size of every forward call of `module`, and the hook handle."
+    calls = []
+    return calls, module.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+
+
+def test_killed_run_resumes_without_recomputing_finished_shards(backbone, tmp_path):
+    calls, hook = count_calls(backbone)
+    class Killed(Exception): pass
+    def die(m, args, out):
+        if len(calls) >= 5: raise Killed
+    killer = backbone.register_forward_hook(die)
+    try:
+        with pytest.raises(Killed):
+            extract_features(backbone, Clips(11), tmp_path, pipeline='p', shard_size=3, batch_size=1, progress=False)
+    finally: killer.remove()
+    (tmp_path/'shard_00001.pt.tmp').write_bytes(b'half a shard')  # a kill in the middle of a write
+    assert FeatureCache(tmp_path).done() == [0]                     # 5 calls: shard 0 (3 clips) done, shard 1 lost
+    calls.clear()
+    cache = extract_features(backbone, Clips(11), tmp_path, pipeline='p', shard_size=3, batch_size=1, progress=False)
+    hook.remove()
+    assert sum(calls) == 11 - 3 and cache.complete and not list(tmp_path.glob('*.tmp'))
+    assert cache.indices.tolist() == list(range(11))
+    fresh = extract_features(backbone, Clips(11), tmp_path/'fresh', pipeline='p', shard_size=3, batch_size=1, progress=False)
+    assert torch.equal(cache.features, fresh.features)
+
+
+def test_finished_cache_is_not_recomputed(backbone, tmp_path):
+    extract_features(backbone, Clips(4), tmp_path, pipeline='p', progress=False)
+    calls, hook = count_calls(backbone)
+    cache = extract_features(backbone, Clips(4), tmp_path, pipeline='p', progress=False)
+    hook.remove()
+    assert calls == [] and len(cache) == 4
+
+
+def test_other_backbone_weights_or_pipeline_raise(backbone, tmp_path):
+    extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', progress=False)
+    other = swin3d_mini()
+    other.load_state_dict(backbone.state_dict())
+    with torch.no_grad(): other.layers[0].blocks[0].attn.qkv.weight[0, 0] += 1e-4
+    with pytest.raises(CacheMismatchError, match='another weights'):
+        extract_features(other, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', progress=False)
+    with pytest.raises(CacheMismatchError, match='another pipeline'):
+        extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x48x48', arch='swin3d_mini', progress=False)
+    with pytest.raises(CacheMismatchError, match='another arch'):
+        extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_t', progress=False)
+    with pytest.raises(CacheMismatchError, match='another aug_views'):
+        extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', aug_views=2, progress=False)
+    with pytest.raises(CacheMismatchError, match='3 clips'):
+        extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', shard_size=2, progress=False)
+    with pytest.raises(CacheMismatchError, match='another weights'):
+        FeatureCache(tmp_path, expect=cache_identity(other, 'decode 8x32x32', Clips(3), arch='swin3d_mini'))
+    assert len(FeatureCache(tmp_path, expect=cache_identity(backbone, 'decode 8x32x32', Clips(3), arch='swin3d_mini'))) == 3
+
+
+def test_weights_hash_sees_buffers_and_dtype(backbone):
+    half = swin3d_mini()
+    half.load_state_dict(backbone.state_dict())
+    assert weights_hash(half) == weights_hash(backbone)
+    assert weights_hash(half.half()) != weights_hash(backbone)
+
+
+def test_broken_clips_are_reported_and_kept_out(backbone, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        cache = extract_features(backbone, Clips(7, broken={0, 5}), tmp_path, pipeline='p', shard_size=3, progress=False)
+    assert cache.indices.tolist() == [1, 2, 3, 4, 6] and len(cache.features) == 5
+    assert [(f['index'], f['error']) for f in cache.failures] == [
+        (0, 'OSError: clip_0.mp4: invalid data found when processing input'),
+        (5, 'OSError: clip_5.mp4: invalid data found when processing input')]
+    message = ' '.join(str(w.message) for w in caught)
+    assert '2 of 7 clips failed' in message and 'clip_5.mp4' in message
+    shard = torch.load(tmp_path/'shard_00001.pt', weights_only=True)   # failures live in the shard of their range
+    assert [f['index'] for f in shard['failures']] == [5]
+
+
+def test_shard_of_only_broken_clips(backbone, tmp_path):
+    cache = extract_features(backbone, Clips(4, broken={2, 3}), tmp_path, pipeline='p', shard_size=2, progress=False)
+    assert cache.indices.tolist() == [0, 1] and cache.features.shape == (2, 1, backbone.num_features)
+
+
+def test_float32_cache_equals_the_backbone(backbone, tmp_path):
+    cache = extract_features(backbone, Clips(2), tmp_path, pipeline='p', dtype='float32', progress=False)
+    backbone.eval()
+    with torch.no_grad(): direct = backbone(torch.cat([Clips(2)[i]['clip'] for i in range(2)])).mean((2, 3, 4))
+    assert cache.features.dtype == torch.float32
+    torch.testing.assert_close(cache.features[:, 0], direct, atol=1e-5, rtol=1e-5)
+    half = extract_features(backbone, Clips(2), tmp_path/'half', pipeline='p', progress=False)
+    assert half.features.dtype == torch.float16
+    torch.testing.assert_close(half.features.float(), cache.features, atol=1e-2, rtol=1e-2)
+    assert json.loads((tmp_path/'manifest.json').read_text())['identity']['dtype'] == 'float32'
+
+
+def test_extraction_leaves_the_backbone_mode_as_it_was(backbone, tmp_path):
+    backbone.train()
+    extract_features(backbone, Clips(2), tmp_path, pipeline='p', progress=False)
+    assert backbone.training
+    backbone.eval()
+
+
+def test_guarded_draws_are_reproducible():
+    class Noisy(Clips):
+        def __getitem__(self, i): return {**super().__getitem__(i), 'clip': torch.rand(1, 3, 2, 4, 4)}
+    a, b = GuardedClips(Noisy(3), seed=1), GuardedClips(Noisy(3), seed=1)
+    assert torch.equal(a[(2, 4)]['clip'], b[(2, 4)]['clip'])
+    assert not torch.equal(a[(2, 4)]['clip'], a[(2, 5)]['clip'])
+    assert not torch.equal(a[(2, 4)]['clip'], GuardedClips(Noisy(3), seed=2)[(2, 4)]['clip'])
+
+
+def test_missing_cache_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='manifest.json'): FeatureCache(tmp_path)
