@@ -47,8 +47,10 @@ def _check_magic(path:Path):
     with open(path, 'rb') as f: start = f.read(40)
     if not start: raise CheckpointError(f'{path}: the file is empty, not a PyTorch checkpoint')
     if start.startswith(b'PK') or start[:1] == b'\x80': return
-    raise CheckpointError(f'{path}: not a PyTorch checkpoint, it starts with {start.decode("utf-8", "replace")!r} '
-                          '(a text file; a failed download often saves an error page under the file name)')
+    text = all(32 <= byte < 127 or byte in b'\t\r\n' for byte in start[:20])
+    why = 'a text file; a failed download often saves an error page under the file name' if text else 'an unknown format'
+    shown = start[:20].decode('utf-8', 'replace') if text else start[:12]
+    raise CheckpointError(f'{path}: not a PyTorch checkpoint, it starts with {shown!r} ({why})')
 
 # %% ../nbs/03_checkpoint.ipynb #b1feefe3
 def _refused_globals(path:Path, message:str, allowed:list) -> list:
@@ -61,7 +63,7 @@ def _refused_globals(path:Path, message:str, allowed:list) -> list:
         except Exception: pass
     return sorted(names)
 
-def _first_line(e:Exception) -> str: return (str(e).strip().splitlines() or [''])[0][:200]
+def _first_sentence(e:Exception) -> str: return re.split(r'(?<=\.)\s', str(e).strip() or '-')[0][:200]
 
 # %% ../nbs/03_checkpoint.ipynb #876d5282
 def read_checkpoint(path:str|Path, # a `.pth` file
@@ -82,7 +84,7 @@ def read_checkpoint(path:str|Path, # a `.pth` file
         raise CheckpointError(f'{path}: refused to unpickle {", ".join(refused)}: reading it could run code. '
                               'If you trust where the file comes from, pass trust=True.')
     raise CheckpointError(f'{path}: cannot read the checkpoint, it is truncated or corrupt '
-                          f'({type(error).__name__}: {_first_line(error)}); delete it and get it again')
+                          f'({type(error).__name__}: {_first_sentence(error)}); delete it and get it again')
 
 # %% ../nbs/03_checkpoint.ipynb #5a9405c0
 WRAPPERS = ('state_dict', 'model', 'module')
