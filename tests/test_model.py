@@ -1,0 +1,170 @@
+"The recognizer (uas.model): the paper's trainable counts on Swin-B, modes, gradients, memory, heads, saving."
+import pytest
+import torch
+from torch import nn
+
+from uas.backbone import swin3d_mini
+from uas.lora import is_lora_name
+from uas.model import (KineticsHead, Recognizer, UASHead, build_recognizer, count_parameters, load_trainable,
+                       parameter_table, save_trainable, set_mode, trainable_parameters)
+
+torch.set_num_threads(1)
+CLIP = torch.randn(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('num_classes, mode, trainable', [
+    (12, 'uas', 12_300),          # MammalNet, K400 backbone
+    (7, 'uas', 7_175),            # ChimpBehave
+    (103, 'uas', 105_575),        # K700-diff
+    (103, 'lora', 1_645_671),     # K700-diff, LoRA r = 32 on q and v of all 24 blocks
+    (103, 'full', 87_744_559),    # K700-diff, full fine-tuning (the paper's table prints 87,744.66K)
+])
+def test_paper_trainable_counts_on_swin_b(num_classes, mode, trainable):
+    model = build_recognizer('swin3d_b', num_classes, mode)
+    total, n = count_parameters(model)
+    assert n == trainable
+    assert total == 87_638_984 + 1024 * num_classes + num_classes + (1_540_096 if mode == 'lora' else 0)
+    assert parameter_table(model).loc['total', 'trainable'] == trainable
+
+
+def mini_checkpoint(seed=0, classes=400):
+    "An official-layout checkpoint of a random swin3d_mini, with a Kinetics-style head of `classes` classes."
+    torch.manual_seed(seed)
+    sd = {f'backbone.{k}': v for k, v in swin3d_mini().state_dict().items()}
+    return {'state_dict': {**sd, 'cls_head.fc_cls.weight': torch.randn(classes, 256), 'cls_head.fc_cls.bias': torch.randn(classes)},
+            'meta': {'epoch': 30}}
+
+
+@pytest.mark.parametrize('mode', ['uas', 'lora', 'full'])
+@pytest.mark.parametrize('backbone_train_mode', [True, False])
+def test_one_backward_reaches_exactly_the_trainable_set(mode, backbone_train_mode):
+    model = build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4,
+                             backbone_train_mode=backbone_train_mode).train()
+    optimiser = torch.optim.AdamW(trainable_parameters(model).values(), lr=3e-4)
+    nn.functional.cross_entropy(model(CLIP), torch.tensor([3])).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == set(trainable_parameters(model))
+    assert {id(p) for g in optimiser.param_groups for p in g['params']} == {id(p) for p in trainable_parameters(model).values()}
+    expected = {'uas': lambda n: n.startswith('cls_head.'), 'full': lambda n: True,
+                'lora': lambda n: n.startswith('cls_head.') or is_lora_name(n)}[mode]
+    assert with_grad == {n for n, _ in model.named_parameters() if expected(n)}
+    assert 'kinetics_head.weight' in model.state_dict() and not any(n.startswith('kinetics_head') for n in with_grad)
+    optimiser.step()
+
+
+def saved_bytes(model, clips):
+    "Bytes autograd keeps for backward during one forward pass, and the scores."
+    total = 0
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): scores = model(clips)
+    return total, scores
+
+
+def test_frozen_backbone_keeps_no_activation_graph():
+    uas = build_recognizer('swin3d_mini', 7, 'uas', backbone_train_mode=False).train()
+    saved, scores = saved_bytes(uas, CLIP)
+    assert saved == 256 * 4                        # only the pooled features the head multiplies, float32
+    assert scores.grad_fn is not None
+    full = build_recognizer('swin3d_mini', 7, 'full').train()
+    assert saved_bytes(full, CLIP)[0] > 10_000 * saved    # the same clip through a trainable backbone: megabytes
+    # the reference's train-mode frozen backbone records nothing either (drop path draws, but no graph)
+    assert saved_bytes(build_recognizer('swin3d_mini', 7, 'uas').train(), CLIP)[0] == 256 * 4
+
+
+def test_backbone_train_mode():
+    torch.manual_seed(0)
+    ref = build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint(), drop_path_rate=0.5).train()
+    assert ref.backbone.training and ref.cls_head.training
+    with torch.no_grad(): assert not torch.equal(ref.extract_feat(CLIP), ref.extract_feat(CLIP))   # drop path active
+    det = build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint(), drop_path_rate=0.5, backbone_train_mode=False).train()
+    assert not det.backbone.training and det.cls_head.training
+    with torch.no_grad():
+        assert torch.equal(det.extract_feat(CLIP), det.extract_feat(CLIP))
+        assert torch.equal(det.extract_feat(CLIP), ref.eval().extract_feat(CLIP))
+
+
+def test_kinetics_head_is_kept_frozen_and_never_trains():
+    ckpt = mini_checkpoint(classes=600)
+    model = build_recognizer('swin3d_mini', 12, 'full', pretrained=ckpt)
+    assert isinstance(model.kinetics_head, KineticsHead) and model.kinetics_head.num_classes == 600
+    assert torch.equal(model.kinetics_head.weight, ckpt['state_dict']['cls_head.fc_cls.weight'])
+    model.requires_grad_(True)                       # even a blanket unfreeze cannot reach it
+    assert not any(n.startswith('kinetics_head') for n in trainable_parameters(model))
+    model.eval()
+    with torch.no_grad():
+        feats = model.extract_feat(CLIP)
+        expected = feats.mean((2, 3, 4)) @ ckpt['state_dict']['cls_head.fc_cls.weight'].T + ckpt['state_dict']['cls_head.fc_cls.bias']
+        torch.testing.assert_close(model.kinetics_scores(CLIP), expected)
+    assert model.load_report.head.num_classes == 600
+    with pytest.raises(AttributeError, match='no Kinetics head'): build_recognizer('swin3d_mini', 7).kinetics_scores(CLIP)
+
+
+def test_a_trained_task_head_loads_into_the_task_head():
+    ckpt = mini_checkpoint(classes=7)                # like the paper's chimpbehave_k400_uas checkpoints
+    model = build_recognizer('swin3d_mini', 7, 'uas', pretrained=ckpt)
+    assert not hasattr(model, 'kinetics_head')
+    assert torch.equal(model.cls_head.fc_cls.weight.detach(), ckpt['state_dict']['cls_head.fc_cls.weight'])
+    with pytest.raises(ValueError, match=r'\(7, 256\).*pass num_classes=7'): build_recognizer('swin3d_mini', 12, pretrained=ckpt)
+    assert build_recognizer('swin3d_mini', 12, pretrained=ckpt, head='kinetics').kinetics_head.num_classes == 7
+
+
+def test_head_init_and_inputs():
+    torch.manual_seed(0)
+    head = UASHead(1024, 103)
+    assert isinstance(head.fc_cls, nn.Linear) and head.dropout.p == 0.5
+    assert torch.count_nonzero(head.fc_cls.bias) == 0
+    assert abs(head.fc_cls.weight.std().item() - 0.01) < 5e-4
+    head.eval()
+    fmap = torch.randn(3, 1024, 2, 7, 7)
+    with torch.no_grad(): torch.testing.assert_close(head(fmap), head(fmap.mean((2, 3, 4))))
+    with pytest.raises(ValueError, match=r'got shape \(3, 1024, 2\)'): head(torch.randn(3, 1024, 2))
+
+
+def test_views_and_lora_start_equal_to_uas():
+    uas = build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint()).eval()
+    lora = build_recognizer('swin3d_mini', 7, 'lora', pretrained=mini_checkpoint(), lora_rank=4).eval()
+    lora.cls_head.load_state_dict(uas.cls_head.state_dict())
+    views = torch.randn(2, 2, 3, 8, 64, 64)
+    with torch.no_grad():
+        scores = uas(views)
+        assert scores.shape == (2, 2, 7)
+        torch.testing.assert_close(scores[1, 0], uas(views[1, 0:1])[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(lora(views[:, 0]), uas(views[:, 0]))          # B = 0: LoRA starts as the frozen model
+    with pytest.raises(ValueError, match='clips must be'): uas(torch.randn(3, 8, 64, 64))
+
+
+def test_set_mode_and_errors():
+    model = build_recognizer('swin3d_mini', 7, 'full')
+    assert count_parameters(set_mode(model, 'uas'))[1] == 7 * 256 + 7 and model.mode == 'uas'
+    with pytest.raises(ValueError, match='call add_lora first'): set_mode(model, 'lora')
+    with pytest.raises(ValueError, match="mode must be one of"): build_recognizer('swin3d_mini', 7, 'linear-probe')
+    with pytest.raises(ValueError, match="unknown arch 'swin3d_xl'"): build_recognizer('swin3d_xl', 7)
+
+
+def test_save_and_load_only_the_trainable_weights(tmp_path):
+    for mode, limit in [('uas', 20_000), ('lora', 200_000)]:
+        model = build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4).eval()
+        with torch.no_grad():
+            for p in trainable_parameters(model).values(): p.normal_(std=0.05)
+            expected = model(CLIP)
+        path = save_trainable(model, tmp_path / f'{mode}.pth')
+        assert path.stat().st_size < limit
+        again = build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4).eval()
+        with torch.no_grad(): assert not torch.equal(again(CLIP), expected)
+        load_trainable(again, path)
+        with torch.no_grad(): assert torch.equal(again(CLIP), expected)
+        assert torch.load(path, weights_only=True)['meta']['mode'] == mode
+    with pytest.raises(ValueError, match='wrong shape'): load_trainable(build_recognizer('swin3d_mini', 5, 'uas'), tmp_path / 'uas.pth')
+    with pytest.raises(ValueError, match='missing'): load_trainable(build_recognizer('swin3d_mini', 7, 'lora', lora_rank=4), tmp_path / 'uas.pth')
+
+
+def test_parameter_table_groups():
+    table = parameter_table(build_recognizer('swin3d_mini', 7, 'lora', lora_rank=4))
+    assert list(table.columns) == ['parameters', 'trainable']
+    assert table.loc['cls_head', 'trainable'] == 7 * 256 + 7
+    assert table.loc['backbone.layers.0', 'trainable'] == 0
+    assert table.loc['backbone.layers.0 (LoRA)', 'trainable'] == 2 * 2 * 2 * 4 * 32       # 2 blocks, q+v, A+B, r*C
+    assert table.loc['total', 'parameters'] == table.drop('total')['parameters'].sum()
