@@ -60,7 +60,7 @@ def _refused_globals(path:Path, message:str, allowed:list) -> list:
     if zipfile.is_zipfile(path):
         ok = {_global_name(g) for g in allowed}
         try: names |= {g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in ok}
-        except Exception: pass
+        except Exception: pass # the scan only adds names: torch's message already holds the first one
     return sorted(names)
 
 def _first_sentence(e:Exception) -> str: return re.split(r'(?<=\.)\s', str(e).strip() or '-')[0][:200]
