@@ -293,7 +293,7 @@ def registry_url(name:str # a key of `DOWNLOADS`
     base = _base('UAS_DOWNLOAD_BASE', RELEASES) if entry.folder == 'releases' else _base('UAS_LABELMAP_BASE', LABEL_MAPS)
     return f'{base}/{entry.path}'
 
-# %% ../nbs/03_checkpoint.ipynb #dc4e7154
+# %% ../nbs/03_checkpoint.ipynb #6fcda679
 def download(name_or_url:str, # a registry name (`'k400'`, `'chimpbehave_train'`, ...) or a URL
              cache:str|Path|None=None, # the cache folder; default `cache_dir()`
              sha256:str|None=None, # expected SHA-256 (registry entries bring their own where known)
@@ -308,7 +308,7 @@ def download(name_or_url:str, # a registry name (`'k400'`, `'chimpbehave_train'`
     dst = Path(cache or cache_dir())/filename
     return dst if dst.is_file() else fetch_url(url, dst, sha256, progress)
 
-# %% ../nbs/03_checkpoint.ipynb #6fcda679
+# %% ../nbs/03_checkpoint.ipynb #3bc5434f
 def kinetics_classes(n:int # 400, 600 or 700
                     ) -> list:
     "The Kinetics-`n` class names in the order of a Kinetics head's outputs (alphabetical), from the cached label map."
