@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from uas.backbone import swin3d_mini
-from uas.lora import add_lora
+from uas.model import build_recognizer
 from uas.train import (PAPER_CUSTOM_KEYS, GradientAccumulator, describe_param_groups, match_custom_key,
                        paper_lr_factor, paper_param_groups, paper_schedule, seed_everything)
 
@@ -30,9 +29,9 @@ def check_paper_rules(model):
     return table
 
 
-def tiny_recognizer(num_classes=5):
-    "The real recognizer's parameter names on a small Video Swin."
-    return nn.ModuleDict(dict(backbone=swin3d_mini(), cls_head=nn.ModuleDict(dict(fc_cls=nn.Linear(256, num_classes)))))
+def tiny_recognizer(mode='full', **kw):
+    "The real recognizer on a small Video Swin (2M parameters)."
+    return build_recognizer('swin3d_mini', num_classes=5, mode=mode, **kw)
 
 
 # --- mmcv's custom_keys rule -------------------------------------------------------------------------------------------
@@ -50,16 +49,13 @@ def test_custom_key_longest_first_then_alphabetical():
 
 def test_paper_groups_full_tiny():
     table = check_paper_rules(tiny_recognizer())
-    assert table.numel.sum() == sum(p.numel() for p in tiny_recognizer().parameters())
+    assert table.numel.sum() == sum(p.numel() for p in tiny_recognizer().parameters() if p.requires_grad)
     # backbone norms keep their decay: mmcv's `backbone` key is tried before `norm`
     assert (table.loc[[n for n in table.index if 'norm' in n], 'weight_decay'] == 0.05).all()
 
 
 def test_paper_groups_lora_tiny():
-    model = tiny_recognizer()
-    add_lora(model, rank=4)
-    model.cls_head.requires_grad_(True)
-    table = check_paper_rules(model)
+    table = check_paper_rules(tiny_recognizer('lora', lora_rank=4))
     assert {n.split('.')[0] for n in table.index} == {'backbone', 'cls_head'}
     assert all('.lora_' in n for n in table.index if n.startswith('backbone.'))
 
@@ -91,8 +87,7 @@ def test_clean_recipe_applies_every_rule():
 
 
 def test_frozen_parameters_are_left_out():
-    model = tiny_recognizer()
-    model.backbone.requires_grad_(False)
+    model = tiny_recognizer('uas')
     groups = paper_param_groups(model)
     assert [g['param_names'] for g in groups] == [['cls_head.fc_cls.weight', 'cls_head.fc_cls.bias']]
     model.cls_head.requires_grad_(False)
