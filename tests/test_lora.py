@@ -112,8 +112,13 @@ def test_merge_is_close_and_unmerge_is_bit_exact():
         assert all(layer.merged for layer in lora_layers(model).values())
         assert not torch.equal(model.layers[0].blocks[0].attn.qkv.weight, originals['layers.0.blocks.0.attn.qkv.weight'])
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
-        unmerge_lora(model)
+        # a merged model still saves its original weights, and loading into it unmerges it first
         assert all(torch.equal(v, originals[k]) for k, v in model.state_dict().items())
+        unmerge_lora(model)
+        assert all(torch.equal(p, originals[k]) for k, p in model.named_parameters())
+        assert torch.equal(model(CLIP), unmerged)
+        merge_lora(model).load_state_dict(originals)
+        assert not any(layer.merged for layer in lora_layers(model).values())
         assert torch.equal(model(CLIP), unmerged)
 
 

@@ -6,7 +6,7 @@
 __all__ = ['LORA_TARGETS', 'LoRAAdapter', 'LoRALinear', 'lora_roles', 'lora_stages', 'add_lora', 'lora_layers', 'is_lora_name',
            'merge_lora', 'unmerge_lora', 'lora_state_dict', 'from_reference_lora_names', 'load_lora_state_dict']
 
-# %% ../nbs/04_lora.ipynb #758b5d04
+# %% ../nbs/04_lora.ipynb #3ce014a0
 import math
 import re
 from collections.abc import Iterable
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../nbs/04_lora.ipynb #9082cb8f
+# %% ../nbs/04_lora.ipynb #918b3940
 class LoRAAdapter(nn.Module):
     "A low-rank update `B(A(x)) * alpha/rank` that starts as no change (B = 0)."
     def __init__(self,
@@ -47,7 +47,7 @@ class LoRAAdapter(nn.Module):
         "The dense update `scale * B @ A` (out x in) that merging adds to a base weight."
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
-# %% ../nbs/04_lora.ipynb #462a4f88
+# %% ../nbs/04_lora.ipynb #ceaf1df0
 class LoRALinear(nn.Linear):
     "A frozen `nn.Linear`, under its own parameter names, plus low-rank adapters on slices of its output."
     def __init__(self,
@@ -65,6 +65,8 @@ class LoRALinear(nn.Linear):
         self.slots = {name: 0 for name in adapters} if slots is None else dict(slots)
         for name, adapter in adapters.items(): self.add_module(name, adapter)
         self.merged, self._original = False, None
+        self.register_state_dict_post_hook(_save_unmerged)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
 
     def adapters(self):
         "The (name, adapter, slot) triples of this layer."
@@ -109,7 +111,18 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self): return f"{super().extra_repr()}, parts={self.parts}, on_output={self.on_output}, merged={self.merged}"
 
-# %% ../nbs/04_lora.ipynb #157e55f4
+def _save_unmerged(layer, state_dict, prefix, local_metadata):
+    "A merged layer saves its original weights, so a checkpoint never depends on whether adapters were merged."
+    if not layer.merged: return
+    weight, bias = layer._original
+    state_dict[prefix + 'weight'] = weight
+    if bias is not None: state_dict[prefix + 'bias'] = bias
+
+def _unmerge_before_load(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    "Loading weights into a merged layer unmerges it first: loaded weights are always original ones."
+    layer.unmerge()
+
+# %% ../nbs/04_lora.ipynb #1689f22d
 LORA_TARGETS = {'qv': ('q', 'v'), 'qkv': ('q', 'k', 'v'), 'qkvo': ('q', 'k', 'v', 'o'), 'mlp': ('fc1', 'fc2'),
                 'all': ('q', 'k', 'v', 'o', 'fc1', 'fc2'), 'fused_qkv': ('qkv',)}
 _ROLES = ('q', 'k', 'v', 'o', 'fc1', 'fc2', 'qkv')
@@ -132,7 +145,7 @@ def lora_stages(stages:str|Iterable, num_stages:int) -> list:
     if not idx: raise ValueError("no LoRA stages selected")
     return idx
 
-# %% ../nbs/04_lora.ipynb #3948c034
+# %% ../nbs/04_lora.ipynb #f68fed04
 def _adapt_block(block, roles, rank, alpha, init):
     "Wrap one Swin block's projections with the adapters that `roles` names."
     attn, mlp = block.attn, block.mlp
@@ -173,7 +186,7 @@ def is_lora_name(name:str) -> bool:
     "Whether a parameter name belongs to a LoRA adapter (`....lora_q.lora_A.weight`)."
     return re.search(r'\.lora_(A|B)\.', '.' + name) is not None
 
-# %% ../nbs/04_lora.ipynb #af213146
+# %% ../nbs/04_lora.ipynb #643314c8
 def merge_lora(model:nn.Module) -> nn.Module:
     "Fold every adapter of `model` into its base weights (keeping copies for `unmerge_lora`); returns `model`."
     for layer in lora_layers(model).values(): layer.merge()
@@ -184,7 +197,7 @@ def unmerge_lora(model:nn.Module) -> nn.Module:
     for layer in lora_layers(model).values(): layer.unmerge()
     return model
 
-# %% ../nbs/04_lora.ipynb #f1fd6141
+# %% ../nbs/04_lora.ipynb #97c5dddb
 _REFERENCE_NAMES = [(r'\.attn\.lora_(q|k|v)\.', r'.attn.qkv.lora_\1.'), (r'\.attn\.lora_o\.', r'.attn.proj.lora_o.'),
                     (r'\.mlp\.lora_(fc1|fc2)\.', r'.mlp.\1.lora_\1.')]
 

@@ -6,7 +6,7 @@
 __all__ = ['MODES', 'KINETICS_CLASS_COUNTS', 'UASHead', 'KineticsHead', 'Recognizer', 'set_mode', 'trainable_parameters',
            'count_parameters', 'build_recognizer', 'parameter_table', 'save_trainable', 'load_trainable']
 
-# %% ../nbs/05_model.ipynb #065ac685
+# %% ../nbs/05_model.ipynb #2c064ea1
 from collections.abc import Iterable
 from pathlib import Path
 import re
@@ -21,7 +21,7 @@ from .backbone import pool
 from .checkpoint import load_backbone
 from .lora import add_lora, is_lora_name
 
-# %% ../nbs/05_model.ipynb #91fb6970
+# %% ../nbs/05_model.ipynb #c2ffb47a
 def _pooled(x:torch.Tensor) -> torch.Tensor:
     "Pooled features `[N, C]` from a feature map `[N, C, T, H, W]` or from already pooled features."
     if x.ndim == 5: return pool(x)
@@ -45,7 +45,7 @@ class UASHead(nn.Module):
                ) -> torch.Tensor: # class scores `[N, num_classes]`
         return self.fc_cls(self.dropout(_pooled(x)))
 
-# %% ../nbs/05_model.ipynb #d6aaae5f
+# %% ../nbs/05_model.ipynb #50e969de
 class KineticsHead(nn.Module):
     "A checkpoint's frozen Kinetics classifier, held as buffers so it is never trained."
     def __init__(self, weight:torch.Tensor, # `[num_classes, C]`
@@ -63,7 +63,7 @@ class KineticsHead(nn.Module):
 
     def extra_repr(self): return f"num_classes={self.num_classes}, in_channels={self.weight.shape[1]}, frozen"
 
-# %% ../nbs/05_model.ipynb #b3816ce4
+# %% ../nbs/05_model.ipynb #9b76dbae
 class Recognizer(nn.Module):
     "A backbone and a task head (mmaction's names), with an optional frozen Kinetics head beside them."
     def __init__(self, backbone:nn.Module, # maps clips `[N, 3, T, H, W]` to a feature map `[N, C, T', H', W']`
@@ -99,7 +99,7 @@ class Recognizer(nn.Module):
         if not hasattr(self, 'kinetics_head'): raise AttributeError("this recognizer has no Kinetics head: build it from a checkpoint that has one")
         return self.kinetics_head(self.extract_feat(clips))
 
-# %% ../nbs/05_model.ipynb #6eb281a0
+# %% ../nbs/05_model.ipynb #4f0d0012
 MODES = ('uas', 'lora', 'full')
 
 def set_mode(model:Recognizer, # a recognizer (adapters already added for 'lora')
@@ -123,7 +123,7 @@ def count_parameters(model:nn.Module) -> tuple:
     "`(total, trainable)` parameter counts of `model` (buffers, such as the Kinetics head, are not parameters)."
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable_parameters(model).values())
 
-# %% ../nbs/05_model.ipynb #ce226f57
+# %% ../nbs/05_model.ipynb #9dc429c4
 KINETICS_CLASS_COUNTS = (400, 600, 700)
 
 def _backbone(arch:str, **kw) -> nn.Module:
@@ -175,7 +175,7 @@ def build_recognizer(arch:str, # backbone preset: 'swin3d_b' (the paper), 'swin3
     model.load_report = report
     return set_mode(model, mode)
 
-# %% ../nbs/05_model.ipynb #0ba52350
+# %% ../nbs/05_model.ipynb #c85c8b18
 def _group(name:str) -> str:
     "The table group of a parameter: its stage or top module, with adapters apart."
     parts = name.split('.')
@@ -189,7 +189,7 @@ def parameter_table(model:nn.Module) -> pd.DataFrame:
     table.loc['total'] = table.sum()
     return table
 
-# %% ../nbs/05_model.ipynb #bb037767
+# %% ../nbs/05_model.ipynb #f64a7e45
 def save_trainable(model:Recognizer, # a recognizer
                    path:str|Path): # the file to write (`.pth`)
     "Save only the trainable parameters of `model` (head, adapters) with its mode and LoRA settings."
