@@ -361,7 +361,7 @@ def render_target(name:str, # one of `TARGET_BEHAVIOURS`
     paint(img, face, rng.uniform((120, 95, 80), (170, 140, 120)))
     return _finish(rng, img, d)
 
-# %% ../nbs/01b_synthetic.ipynb #c047
+# %% ../nbs/01b_synthetic.ipynb #c049
 def write_clip(path, # the mp4 file to write; parent folders are created
                frames:np.ndarray, # uint8 RGB [T,H,W,3] with even H and W
                fps:int=16, # frames per second
@@ -373,7 +373,7 @@ def write_clip(path, # the mp4 file to write; parent folders are created
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return write_video(path, frames, codec='libx264', fps=fps, pix_fmt='yuv420p', crf=crf, preset='veryfast', threads=1)
 
-# %% ../nbs/01b_synthetic.ipynb #c050
+# %% ../nbs/01b_synthetic.ipynb #c052
 KINDS = dict(source=(SOURCE_ACTIONS, render_source, None), target=(TARGET_BEHAVIOURS, render_target, CHIMPBEHAVE_TRAIN_COUNTS))
 DEFAULT_SPLITS = dict(source=dict(train=192, val=96, test=96), target=dict(train=96, val=48, test=48))
 
