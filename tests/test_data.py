@@ -1,0 +1,312 @@
+"Tests of uas.data: annotation formats (the official ChimpBehave lists included), datasets over good and broken clips, loaders and check_dataset."
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from uas.data import (AnnotationError, Annotations, ClipError, ClipSampler, Skip, VideoDataset, check_dataset, class_names,
+                      collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names)
+from uas.video import get_pipeline, write_video
+
+CB = ROOT/'tests'/'data'/'chimpbehave'/'annotations'
+
+# ---------------------------------------------------------------- ChimpBehave's official lists
+def cb(name): return read_annotations(CB/name, classes='chimpbehave', num_classes=7)
+
+def test_chimpbehave_all_clips():
+    every = cb('CB_OOD_all_cls.txt')
+    assert (every.fmt, len(every), every.listed, every.skipped) == ('mmaction', 9187, 9187, [])
+    assert every.label_counts().to_dict() == dict(sitting=7090, standing=993, walking=907, hanging=100, climbing_up=49,
+                                                  climbing_down=23, running=25)
+    assert all(e.path.startswith('../cropped_chimpBehave/') for e in every)
+
+def test_chimpbehave_folds():
+    every = {e.path.removeprefix('../cropped_chimpBehave/'): e.label for e in cb('CB_OOD_all_cls.txt')}
+    tests = []
+    for k in range(1, 6):
+        train, test = cb(f'CB_train_cv{k}.txt'), cb(f'CB_test_cv{k}.txt')
+        assert (len(train), len(test)) == (7352, 1835)
+        train_paths, test_paths = {e.path for e in train}, {e.path for e in test}
+        assert not train_paths & test_paths
+        assert {e.path: e.label for e in [*train, *test]} == every  # each fold splits all 9,187 clips, labels unchanged
+        tests.append(test_paths)
+    for a in range(5):
+        for b in range(a + 1, 5): assert not tests[a] & tests[b], (a, b)
+    assert len(set().union(*tests)) == 9175
+
+def test_chimpbehave_balanced_and_head_lists_parse():
+    for name in sorted(p.name for p in CB.glob('*.txt')):
+        ann = cb(name)
+        assert ann.skipped == [] and len(ann) > 500, name
+
+# ---------------------------------------------------------------- mmaction lists
+def test_mmaction_paths_with_spaces_non_ascii_crlf_bom_tabs(tmp_path):
+    lst = tmp_path/'list.txt'
+    lst.write_bytes('\ufeffa b/c d.mp4 1\r\nüñï/é.mp4\t0\r\n\r\n  x.mp4   2  \r\n'.encode('utf-8'))
+    ann = read_annotations(lst)
+    assert [(e.path, e.label, e.where) for e in ann] == [('a b/c d.mp4', 1, f'{lst}:1'), ('üñï/é.mp4', 0, f'{lst}:2'),
+                                                        ('x.mp4', 2, f'{lst}:4')]
+    assert ann.classes == ['0', '1', '2'] and ann.root == tmp_path
+
+def test_mmaction_bad_lines_named_with_file_and_line(tmp_path):
+    lst = tmp_path/'bad.txt'
+    lst.write_bytes(b'ok.mp4 0\nnolabel.mp4\nx.mp4 1.5\ny.mp4 -1\nz.mp4 3\nok.mp4 0\nbad\xff.mp4 1\nfine.mp4 1\n')
+    with pytest.raises(AnnotationError) as e: read_annotations(lst, num_classes=3)
+    msg = str(e.value)
+    for no, text in [(2, 'expected "path label"'), (3, "label '1.5' is not an integer"), (4, 'label -1 out of range 0..2'),
+                     (5, 'label 3 out of range 0..2'), (6, 'duplicate of line 1'), (7, 'not UTF-8')]:
+        assert f'{lst}:{no}: {text}' in msg, (no, msg)
+    assert '6 bad line(s)' in msg
+    ann = read_annotations(lst, num_classes=3, on_error='skip')
+    assert [e.path for e in ann] == ['ok.mp4', 'fine.mp4']
+    assert [int(s.where.rsplit(':', 1)[1]) for s in ann.skipped] == [2, 3, 4, 5, 6, 7]
+    assert {s.status for s in ann.skipped} == {'bad entry'}
+    assert len(ann) + len(ann.skipped) == ann.listed == 8
+
+def test_duplicate_with_another_label_is_reported_as_such(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 0\nb.mp4 1\na.mp4 1\n')
+    ann = read_annotations(tmp_path/'l.txt', on_error='skip')
+    assert [s.reason for s in ann.skipped] == ['duplicate of line 1 (label 0, here 1)']
+
+def test_many_bad_lines_are_summarised(tmp_path):
+    (tmp_path/'l.txt').write_text('good.mp4 0\n' + ''.join(f'c{i}.mp4 x\n' for i in range(30)))
+    with pytest.raises(AnnotationError, match=r'30 bad line\(s\)[\s\S]*and 10 more'): read_annotations(tmp_path/'l.txt')
+
+def test_no_usable_clip_is_an_error_in_both_modes(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 x\n')
+    with pytest.raises(AnnotationError, match='no usable clips'): read_annotations(tmp_path/'l.txt', on_error='skip')
+    (tmp_path/'empty.txt').write_text('')
+    with pytest.raises(AnnotationError, match='no usable clips'): read_annotations(tmp_path/'empty.txt')
+
+def test_class_names_and_num_classes_must_agree(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 0\n')
+    with pytest.raises(AnnotationError, match='7 class names given for num_classes=3'):
+        read_annotations(tmp_path/'l.txt', classes='chimpbehave', num_classes=3)
+    (tmp_path/'names.txt').write_text('jump\nrun\n')
+    assert read_annotations(tmp_path/'l.txt', classes=tmp_path/'names.txt').classes == ['jump', 'run']
+    with pytest.raises(AnnotationError, match='repeat'): class_names(['a', 'a'])
+
+def test_bad_arguments(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 0\n')
+    with pytest.raises(ValueError, match='on_error'): read_annotations(tmp_path/'l.txt', on_error='ignore')
+    with pytest.raises(ValueError, match='unknown annotation format'): read_annotations(tmp_path/'l.txt', fmt='csv')
+    with pytest.raises(FileNotFoundError, match='nowhere'): read_annotations(tmp_path/'nowhere.txt')
+    write_video(tmp_path/'v.mp4', np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(AnnotationError, match='is a video, not an annotation list'): read_annotations(tmp_path/'v.mp4')
+
+# ---------------------------------------------------------------- MammalNet lists and class maps
+def test_mammalnet_list_with_behaviour_map(tmp_path):
+    (tmp_path/'annotation').mkdir()
+    (tmp_path/'annotation'/'behavior_to_id.txt').write_text('hunting 1\ngrooming 0\nsleeping 2\n')
+    (tmp_path/'lists').mkdir()
+    lst = tmp_path/'lists'/'train_base.txt'
+    lst.write_text('trimmed video/a b.mp4 1 140\nc.mp4 2 7\nd.mp4 5 7\ne.mp4 0 x1\n')
+    assert detect_format(lst) == 'mammalnet'
+    ann = read_annotations(lst, on_error='skip')
+    assert ann.fmt == 'mammalnet' and ann.classes == ['grooming', 'hunting', 'sleeping']
+    assert [(e.path, e.label, e.animal) for e in ann] == [('trimmed video/a b.mp4', 1, 140), ('c.mp4', 2, 7)]
+    assert [(s.where.rsplit(':', 1)[1], s.reason.split(',')[0]) for s in ann.skipped] == [
+        ('3', 'label 5 out of range 0..2'), ('4', "animal id 'x1' is not an integer")]
+
+def test_mammalnet_without_map_names_classes_by_id(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 3 1\nb.mp4 0 2\n')
+    ann = read_annotations(tmp_path/'l.txt')
+    assert ann.fmt == 'mammalnet' and ann.classes == ['0', '1', '2', '3']
+    assert read_annotations(tmp_path/'l.txt', num_classes=12).classes == [str(i) for i in range(12)]
+    assert read_annotations(tmp_path/'l.txt', fmt='mmaction').entries[0].path == 'a.mp4 3'
+
+def test_class_map_files(tmp_path):
+    (tmp_path/'a.json').write_text('{"0": "hunting", "1": "grooming"}')
+    assert read_class_names(tmp_path/'a.json') == ['hunting', 'grooming']
+    (tmp_path/'b.json').write_text('["x", "y"]')
+    assert read_class_names(tmp_path/'b.json') == ['x', 'y']
+    (tmp_path/'dup.txt').write_text('a 0\nb 0\n')
+    with pytest.raises(AnnotationError, match="id 0 is given to both 'a' and 'b'"): read_class_names(tmp_path/'dup.txt')
+
+# ---------------------------------------------------------------- folders of class folders
+def tiny(path, n=8, size=32):
+    "A tiny h264 clip whose frame t has brightness 20 + 20*t."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.broadcast_to((20 + 20*np.arange(n, dtype=np.uint8))[:, None, None, None], (n, size, size, 3))
+    return write_video(path, frames)
+
+def broken(folder):
+    "Zero bytes, text named .mp4, a truncated mp4: their paths."
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/'empty.mp4').write_bytes(b'')
+    (folder/'text.mp4').write_text('not a video\n')
+    data = tiny(folder/'cut.mp4').read_bytes()
+    (folder/'cut.mp4').write_bytes(data[:len(data)//2])
+    return [folder/'empty.mp4', folder/'text.mp4', folder/'cut.mp4']
+
+def test_folder_layout_and_what_it_leaves_out(tmp_path):
+    root = tmp_path/'clips'
+    for p in ('zebra/z.mp4', 'ape/cam 1/ü.MP4', 'ape/a.gif', 'Bear/b.mkv'): (root/p).parent.mkdir(parents=True, exist_ok=True); (root/p).write_bytes(b'x')
+    (root/'ape'/'notes.txt').write_text('x')
+    (root/'ape'/'README').write_text('x')
+    (root/'stray.mp4').write_bytes(b'x')
+    (root/'.ipynb_checkpoints').mkdir()
+    (root/'empty_class').mkdir()
+    ann = read_annotations(root)
+    assert ann.fmt == 'folder' and ann.classes == ['Bear', 'ape', 'empty_class', 'zebra']
+    assert [(e.path, e.label) for e in ann] == [('Bear/b.mkv', 0), ('ape/a.gif', 1), ('ape/cam 1/ü.MP4', 1), ('zebra/z.mp4', 3)]
+    reasons = {s.path: s.reason for s in ann.skipped}
+    assert reasons.keys() == {'.ipynb_checkpoints', 'stray.mp4', 'ape/README', 'ape/notes.txt'}
+    assert reasons['.ipynb_checkpoints'] == 'hidden folder' and reasons['stray.mp4'] == 'not in a class folder'
+    assert reasons['ape/notes.txt'].startswith('not a video file (.txt;') and reasons['ape/README'].startswith('not a video file (no extension')
+    assert ann.label_counts().to_dict() == {'Bear': 1, 'ape': 2, 'empty_class': 0, 'zebra': 1}
+    fixed = read_annotations(root, classes=['zebra', 'ape'])
+    assert [(e.path, e.label) for e in fixed] == [('ape/a.gif', 1), ('ape/cam 1/ü.MP4', 1), ('zebra/z.mp4', 0)]
+    assert [s.path for s in fixed.skipped if 'is not one of the classes' in s.reason] == ['Bear/b.mkv']
+
+# ---------------------------------------------------------------- datasets over good and broken clips
+SMALL = dict(clip_len=4, short_side=32, crop_size=32)
+
+@pytest.fixture
+def mixed(tmp_path):
+    "A class folder with three good clips and the broken files; (root, good relative paths, broken relative paths)."
+    root = tmp_path/'clips'
+    good = ['run/a.mp4', 'run/b é x.mp4', 'sit/c.mp4', 'sit/d.mp4']
+    for g in good: tiny(root/g)
+    bad = [p.relative_to(root).as_posix() for p in broken(root/'sit')]
+    return root, good, bad
+
+def test_skip_run_yields_every_good_clip_and_reports_every_broken_one(mixed, tmp_path):
+    root, good, bad = mixed
+    (root/'sit'/'notes.txt').write_text('x')
+    ds = VideoDataset(root, pipeline=get_pipeline('chimpbehave_val', **SMALL), on_error='skip', work_dir=tmp_path/'work')
+    items = [ds[i] for i in range(len(ds))]
+    ok = [it for it in items if isinstance(it, dict)]
+    assert sorted(ds.annotations[it['index']].path for it in ok) == sorted(good)
+    assert all(it['clip'].shape == (1, 3, 4, 32, 32) and it['clip'].dtype == torch.float32 for it in ok)
+    assert {ds.annotations[it['index']].path: it['label'] for it in ok} == {'run/a.mp4': 0, 'run/b é x.mp4': 0, 'sit/c.mp4': 1, 'sit/d.mp4': 1}
+    report = pd.read_csv(ds.write_skip_report(), keep_default_na=False)
+    assert (tmp_path/'work'/'skipped_clips.csv').exists()
+    rows = {r.path: r for r in report.itertuples()}
+    assert rows.keys() == set(bad) | {'sit/notes.txt'}
+    assert rows['sit/empty.mp4'].status == 'unreadable' and '0 bytes' in rows['sit/empty.mp4'].reason
+    assert rows['sit/text.mp4'].status == 'unreadable' and rows['sit/cut.mp4'].status == 'unreadable'
+    assert rows['sit/notes.txt'].status == 'bad entry' and rows['sit/notes.txt'].reason.startswith('not a video file')
+    assert len(ok) + len(report) == ds.annotations.listed == 8
+    again = ds[ds.annotations.entries.index(next(e for e in ds.annotations if e.path == 'sit/text.mp4'))]
+    assert isinstance(again, Skip) and len(ds.skip_report()) == 4  # recorded once, however often it is met
+
+def test_raise_run_over_a_list_stops_at_the_first_bad_clip(mixed, tmp_path):
+    root, good, bad = mixed
+    lst = tmp_path/'val.txt'
+    order = [good[0], bad[1], good[1], bad[0]]
+    lst.write_text(''.join(f'clips/{p} {int(p.startswith("sit"))}\n' for p in order))
+    ds = VideoDataset(lst, pipeline=get_pipeline('chimpbehave_val', **SMALL))
+    assert ds[0]['label'] == 0
+    with pytest.raises(ClipError, match=rf"{lst}:2: clip 'clips/{bad[1]}' is unreadable"): ds[1]
+    with pytest.raises(ClipError) as e: [ds[i] for i in range(len(ds))]
+    assert f'{lst}:2' in str(e.value)
+
+def test_missing_clip_in_a_list(mixed, tmp_path):
+    root, good, _ = mixed
+    (tmp_path/'l.txt').write_text(f'{good[0]} 0\ngone.mp4 1\n')
+    pipeline = get_pipeline('chimpbehave_val', **SMALL)
+    with pytest.raises(ClipError, match=rf"l.txt:2: clip 'gone.mp4' is missing"): VideoDataset(tmp_path/'l.txt', root, pipeline)[1]
+    ds = VideoDataset(tmp_path/'l.txt', data_prefix=root, pipeline=pipeline, on_error='skip')
+    assert isinstance(ds[0], dict) and ds[1] == Skip('gone.mp4', f'{tmp_path/"l.txt"}:2', 'missing', 'no such file', 1)
+
+def test_bad_lines_are_raised_or_reported_by_the_dataset(mixed, tmp_path):
+    root, good, _ = mixed
+    (tmp_path/'l.txt').write_text(f'{good[0]} 0\n{good[1]} seven\n')
+    pipeline = get_pipeline('chimpbehave_val', **SMALL)
+    with pytest.raises(AnnotationError, match='l.txt:2'): VideoDataset(tmp_path/'l.txt', root, pipeline)
+    ds = VideoDataset(tmp_path/'l.txt', root, pipeline, on_error='skip')
+    assert len(ds) == 1 and ds.skip_report()['where'].tolist() == [f'{tmp_path/"l.txt"}:2']
+
+def test_dataset_needs_a_pipeline_and_a_policy(mixed):
+    root = mixed[0]
+    with pytest.raises(ValueError, match='needs a pipeline'): VideoDataset(root)
+    with pytest.raises(ValueError, match='on_error'): VideoDataset(root, pipeline='chimpbehave_val', on_error='warn')
+    with pytest.raises(KeyError, match='unknown pipeline'): VideoDataset(root, pipeline='chimpbehave_nope')
+
+def test_named_pipeline_and_seeded_items(mixed):
+    ds = VideoDataset(mixed[0], pipeline='chimpbehave_train')  # the paper's pipeline by name: 224x224 views
+    assert ds[0]['clip'].shape == (1, 3, 32, 224, 224)
+    small = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_train', **SMALL))
+    assert torch.equal(small[(0, 5)]['clip'], small[(0, 5)]['clip'])
+    assert not all(torch.equal(small[(0, 5)]['clip'], small[(0, s)]['clip']) for s in range(6, 12))
+
+# ---------------------------------------------------------------- loaders
+def test_sampler_and_collate():
+    s = ClipSampler(10, seed=3)
+    first = list(s)
+    assert sorted(i for i, _ in first) == list(range(10)) and list(ClipSampler(10, seed=3)) == first
+    s.set_epoch(1)
+    assert list(s) != first
+    shards = [list(ClipSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(first) and [len(x) for x in shards] == [4, 3, 3]
+    assert len(ClipSampler(10, rank=2, world_size=3)) == 3
+    batch = collate_clips([Skip('a', 'l:1', 'missing', 'no such file', 0)])
+    assert batch['clip'].numel() == 0 and batch['label'].tolist() == [] and len(batch['skipped']) == 1
+
+def test_loader_with_workers_reports_every_skip_and_matches_one_process(mixed, tmp_path):
+    root, good, bad = mixed
+    pipeline = get_pipeline('chimpbehave_train', **SMALL)
+    ds = VideoDataset(root, pipeline=pipeline, on_error='skip', work_dir=tmp_path/'w')
+    loader = make_loader(ds, batch_size=3, num_workers=2, seed=7)
+    batches = list(loader)
+    assert ds.load_skips.keys() == {i for i, e in enumerate(ds.annotations) if e.path in bad}  # recorded in the main process
+    assert sorted(pd.read_csv(tmp_path/'w'/'skipped_clips.csv').path) == sorted(bad)
+    seen = [i for b in batches for i in b['index'].tolist()]
+    assert sorted(ds.annotations[i].path for i in seen) == sorted(good)
+    assert all(b['clip'].shape[1:] == (3, 4, 32, 32) and len(b['label']) == len(b['clip']) for b in batches)
+    one = VideoDataset(root, pipeline=pipeline, on_error='skip')
+    single = list(make_loader(one, batch_size=3, num_workers=0, seed=7))
+    assert [b['index'].tolist() for b in single] == [b['index'].tolist() for b in batches]
+    assert torch.equal(torch.cat([b['clip'] for b in single]), torch.cat([b['clip'] for b in batches]))
+    assert loader.epoch == 1
+    epoch1 = list(loader)
+    assert [b['index'].tolist() for b in epoch1] != [b['index'].tolist() for b in batches]
+    loader.set_epoch(0)
+    assert torch.equal(torch.cat([b['clip'] for b in loader]), torch.cat([b['clip'] for b in batches]))
+
+def test_test_mode_keeps_views_together_in_list_order(mixed):
+    root, good, _ = mixed
+    ds = VideoDataset(root, pipeline=get_pipeline('mammalnet_test', clip_len=2, frame_interval=1, num_clips=2, short_side=24,
+                                                    crop_size=24), on_error='skip')
+    batches = list(make_loader(ds, batch_size=2, test_mode=True, pin_memory=torch.cuda.is_available()))
+    assert [b['index'].tolist() for b in batches] == [[0, 1], [2], [4]]  # sorted paths; 3, 5 and 6 are broken
+    assert [tuple(b['clip'].shape) for b in batches] == [(2, 6, 3, 2, 24, 24)] + [(1, 6, 3, 2, 24, 24)] * 2  # 2 clips x 3 crops
+    if torch.cuda.is_available(): assert batches[0]['clip'].is_pinned()
+
+def test_train_mode_spreads_views_over_the_batch(mixed):
+    ds = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_test', **SMALL), on_error='skip')
+    batch = next(iter(make_loader(ds, batch_size=2, shuffle=False)))
+    assert batch['clip'].shape == (6, 3, 4, 32, 32) and batch['label'].tolist() == [0, 0, 0, 0, 0, 0]
+    assert batch['index'].tolist() == [0, 0, 0, 1, 1, 1]
+
+# ---------------------------------------------------------------- check_dataset
+def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):
+    root, good, bad = mixed
+    (root/'sit'/'notes.txt').write_text('x')
+    ds = VideoDataset(root, pipeline=get_pipeline('chimpbehave_val', **SMALL), on_error='skip')
+    list(make_loader(ds, batch_size=2))
+    summary = check_dataset(root, num_workers=2)
+    problems = summary.attrs['problems']
+    assert sorted(problems.path) == sorted(ds.skip_report().path)
+    assert dict(zip(problems.path, problems.status)) == dict(zip(ds.skip_report().path, ds.skip_report().status))
+    assert summary.index.tolist() == ['run', 'sit', 'total']
+    assert summary.loc['run'].to_dict() | {} == dict(listed=2, ok=2, missing=0, unreadable=0, too_short=0, bad_entry=0,
+                                                     frames_min=8, frames_median=8, frames_max=8)
+    assert summary.loc['sit', ['listed', 'ok', 'unreadable']].tolist() == [5, 2, 3]
+    assert summary.loc['total', ['listed', 'ok', 'unreadable', 'bad_entry']].tolist() == [8, 4, 3, 1]
+    cols = ['ok', 'missing', 'unreadable', 'too_short', 'bad_entry']
+    assert summary.loc['total', cols].sum() == summary.loc['total', 'listed']
+
+def test_check_dataset_of_a_list_missing_short_and_bad_lines(mixed, tmp_path):
+    root, good, _ = mixed
+    tiny(root/'short.mp4', n=3)
+    (tmp_path/'l.txt').write_text(f'{good[0]} 0\nshort.mp4 1\ngone.mp4 1\n{good[2]} x\n')
+    summary = check_dataset(tmp_path/'l.txt', data_prefix=root, min_frames=4, classes=['run', 'sit'])
+    assert summary.loc['sit', ['listed', 'ok', 'missing', 'too_short']].tolist() == [2, 0, 1, 1]
+    assert summary.loc['total', ['listed', 'bad_entry']].tolist() == [4, 1]
+    assert summary.attrs['problems'].status.tolist() == ['bad entry', 'too short', 'missing']
+    assert probe_clip(root/'short.mp4', min_frames=4) == ('too short', 3, '3 frames, fewer than 4')
