@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT
 from uas.data import (AnnotationError, Annotations, ClipError, ClipSampler, Skip, VideoDataset, check_dataset, class_names,
-                      collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names)
+                      collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names,
+                      without_problems)
 from uas.video import get_pipeline, write_video
 
 CB = ROOT/'tests'/'data'/'chimpbehave'/'annotations'
@@ -310,3 +311,30 @@ def test_check_dataset_of_a_list_missing_short_and_bad_lines(mixed, tmp_path):
     assert summary.loc['total', ['listed', 'bad_entry']].tolist() == [4, 1]
     assert summary.attrs['problems'].status.tolist() == ['bad entry', 'too short', 'missing']
     assert probe_clip(root/'short.mp4', min_frames=4) == ('too short', 3, '3 frames, fewer than 4')
+
+def test_raise_mode_in_a_worker_names_the_line(mixed, tmp_path):
+    root, good, bad = mixed
+    (tmp_path/'l.txt').write_text(f'{good[0]} 0\n{bad[0]} 1\n')
+    ds = VideoDataset(tmp_path/'l.txt', root, get_pipeline('chimpbehave_val', **SMALL))
+    with pytest.raises(ClipError, match=rf"l.txt:2: clip '{bad[0]}' is unreadable"): list(make_loader(ds, num_workers=1, test_mode=True))
+
+def test_distributed_ranks_write_their_own_reports(mixed, tmp_path):
+    root, good, bad = mixed
+    pipeline = get_pipeline('chimpbehave_val', **SMALL)
+    skipped = []
+    for rank in (0, 1):
+        ds = VideoDataset(root, pipeline=pipeline, on_error='skip', work_dir=tmp_path)
+        seen = [i for b in make_loader(ds, batch_size=2, rank=rank, world_size=2) for i in b['index'].tolist()]
+        skipped += pd.read_csv(tmp_path/f'skipped_clips_rank{rank}.csv').path.tolist()
+        assert not set(seen) & ds.load_skips.keys()
+    assert sorted(skipped) == sorted(bad)
+
+def test_a_checked_run_starts_clean_and_still_reports(mixed, tmp_path):
+    root, good, bad = mixed
+    ann = read_annotations(root)
+    clean = without_problems(ann, check_dataset(ann))
+    assert sorted(e.path for e in clean) == sorted(good) and clean.listed == ann.listed
+    ds = VideoDataset(clean, pipeline=get_pipeline('chimpbehave_val', **SMALL), on_error='raise', work_dir=tmp_path)
+    assert [len(b['index']) for b in make_loader(ds, batch_size=2)] == [2, 2]
+    report = pd.read_csv(tmp_path/'skipped_clips.csv')
+    assert sorted(report.path) == sorted(bad) and set(report.status) == {'unreadable'}

@@ -6,7 +6,7 @@
 __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COLUMNS', 'STATUSES', 'Entry', 'Skip',
            'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
            'find_behavior_map', 'read_annotations', 'SkipReport', 'VideoDataset', 'ClipSampler', 'collate_clips',
-           'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset']
+           'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset', 'without_problems']
 
 # %% ../nbs/01_data.ipynb #1ebf1c1a
 import json, logging, random
@@ -156,7 +156,7 @@ def find_behavior_map(list_path) -> Path:
     for cand in (folder, folder/'annotation', folder.parent, folder.parent/'annotation'):
         if (cand/'behavior_to_id.txt').is_file(): return cand/'behavior_to_id.txt'
 
-# %% ../nbs/01_data.ipynb #124c07d2
+# %% ../nbs/01_data.ipynb #2d6bcd48
 def _read_list(path, fmt, names, num_classes):
     "Entries, problems (`Skip`s) and class names of an mmaction or MammalNet list."
     found, problems, first = [], [], {}
@@ -180,7 +180,7 @@ def _read_list(path, fmt, names, num_classes):
     entries = []
     for e in found:
         if e.label < 0 or (n is not None and e.label >= n):
-            problems.append(Skip(e.path, e.where, 'bad entry', f'label {e.label} out of range 0..{n - 1 if n else "n"}'))
+            problems.append(Skip(e.path, e.where, 'bad entry', f'label {e.label} out of range 0..{n - 1}' if n else f'label {e.label} is negative'))
         else: entries.append(e)
     if names is None:
         names = [str(i) for i in range(n if n is not None else max((e.label for e in entries), default=-1) + 1)]
@@ -211,12 +211,12 @@ def _read_folder(root, names):
             else: entries.append(Entry(rel, label[folder.name], str(p)))
     return entries, skipped, names
 
-# %% ../nbs/01_data.ipynb #e8807653
+# %% ../nbs/01_data.ipynb #786b0546
 def read_annotations(path, # an mmaction or MammalNet list file, or a folder of class folders
                      fmt:str=None, # 'mmaction', 'mammalnet' or 'folder'; detected when None
                      num_classes:int=None, # labels must lie in 0..num_classes-1 (default: the class names' count)
                      classes=None, # class names: a list, a known dataset ('chimpbehave') or a label map file
-                     on_error:str='raise' # 'raise' on the first bad list (listing all its bad lines), or 'skip' them
+                     on_error:str='raise' # 'raise' an `AnnotationError` listing every bad line, or 'skip' (and report) them
                     ) -> Annotations:
     "Labelled clips of an annotation list or class folder, with class names and every line or file left out."
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
@@ -234,7 +234,7 @@ def read_annotations(path, # an mmaction or MammalNet list file, or a folder of 
     if not entries: raise AnnotationError(f'{path}: no usable clips ({len(skipped)} lines or files left out)')
     return Annotations(entries, names, fmt, path, skipped)
 
-# %% ../nbs/01_data.ipynb #6beb9421
+# %% ../nbs/01_data.ipynb #cfe7f92c
 _log = logging.getLogger('uas.data')
 SKIP_COLUMNS = ['path', 'where', 'status', 'reason', 'index']
 
@@ -253,13 +253,16 @@ class SkipReport:
         skips = list(self.annotations.skipped) + [self.load_skips[i] for i in sorted(self.load_skips)]
         return pd.DataFrame([asdict(s) for s in skips], columns=SKIP_COLUMNS)
 
-    def write_skip_report(self, work_dir=None) -> Path:
-        "Write `skip_report()` to `work_dir/skipped_<list name>.csv` (default: the dataset's `work_dir`); log a summary."
+    def write_skip_report(self, work_dir=None, # default: the dataset's `work_dir`; None for neither: log only
+                          rank:int=None # in distributed training, each process writes `..._rank<r>.csv`
+                         ) -> Path:
+        "Write `skip_report()` to `work_dir/skipped_<list name>.csv` and log a one-line summary."
         report, work_dir = self.skip_report(), work_dir or self.work_dir
+        name = f'skipped_{self.annotations.source.stem}' + ('' if rank is None else f'_rank{rank}') + '.csv'
+        out = None if work_dir is None else Path(work_dir)/name
         if len(report): _log.warning(f'{len(report)} of {self.annotations.listed} listed clips skipped'
-                                    + (f'; reasons in {work_dir}' if work_dir else ''))
-        if work_dir is None: return None
-        out = Path(work_dir)/f'skipped_{self.annotations.source.stem}.csv'
+                                     + (f'; reasons in {out}' if out else '; reasons in skip_report()'))
+        if out is None: return None
         out.parent.mkdir(parents=True, exist_ok=True)
         report.to_csv(out, index=False)
         return out
@@ -340,7 +343,7 @@ def collate_clips(items:list) -> dict:
             'index': torch.tensor([g['index'] for g in good], dtype=torch.long),
             'skipped': [it for it in items if isinstance(it, Skip)]}
 
-# %% ../nbs/01_data.ipynb #a50f722f
+# %% ../nbs/01_data.ipynb #06563439
 def seed_worker(worker_id:int):
     "Seed Python's and numpy's global generators in a loader worker from torch's per-worker seed."
     seed = torch.initial_seed() % 2**32
@@ -369,7 +372,7 @@ class ClipLoader:
                     batch['label'], batch['index'] = batch['label'].repeat_interleave(views), batch['index'].repeat_interleave(views)
                 yield batch
             self.epoch += 1
-        finally: self.dataset.write_skip_report()
+        finally: self.dataset.write_skip_report(rank=self.sampler.rank if self.sampler.world_size > 1 else None)
 
 # %% ../nbs/01_data.ipynb #d15a2b66
 def make_loader(dataset:VideoDataset, # the clips
@@ -441,3 +444,14 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                                                           for i, (e, (s, _, r)) in enumerate(zip(annotations, probes)) if s != 'ok']
     summary.attrs['problems'] = pd.DataFrame(problems, columns=SKIP_COLUMNS)
     return summary
+
+# %% ../nbs/01_data.ipynb #a21aa95c
+def without_problems(annotations:Annotations, # the annotations checked
+                     summary:pd.DataFrame # what `check_dataset(annotations)` returned
+                    ) -> Annotations:
+    "`annotations` less the clips `check_dataset` found missing, unreadable or too short; they join `skipped`."
+    found = summary.attrs['problems'].dropna(subset=['index'])
+    bad = set(found['index'].astype(int))
+    moved = [Skip(r.path, r.where, r.status, r.reason) for r in found.itertuples()]
+    return Annotations([e for i, e in enumerate(annotations) if i not in bad], annotations.classes, annotations.fmt,
+                       annotations.source, annotations.skipped + moved)
