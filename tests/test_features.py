@@ -134,3 +134,57 @@ def test_guarded_draws_are_reproducible():
 
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='manifest.json'): FeatureCache(tmp_path)
+
+
+# Real files through `uas.data.VideoDataset` and `uas.video` pipelines.
+import numpy as np
+from uas.data import VideoDataset
+from uas.video import get_pipeline, write_video
+
+
+@pytest.fixture(scope='module')
+def video_list(tmp_path_factory):
+    "Six 8-frame 32x32 mp4 clips listed in `train.txt`, the fourth of them a truncated file."
+    root = tmp_path_factory.mktemp('videos')
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(6):
+        path = write_video(root/f'clip {i}.mp4', rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), fps=8)
+        if i == 3: path.write_bytes(path.read_bytes()[:200])
+        lines.append(f'{path.name} {i % 2}')
+    (root/'train.txt').write_text('\n'.join(lines) + '\n')
+    return root/'train.txt'
+
+
+def small(stage): return get_pipeline(f'chimpbehave_{stage}', clip_len=4, short_side=32, crop_size=32)
+
+
+@pytest.mark.parametrize('on_error', ['raise', 'skip'])
+def test_broken_video_file_reported_by_name(backbone, video_list, tmp_path, on_error):
+    data = VideoDataset(video_list, pipeline=small('val'), on_error=on_error)
+    with pytest.warns(UserWarning, match='1 of 6 clips failed'):
+        cache = extract_features(backbone, data, tmp_path, progress=False)
+    assert cache.indices.tolist() == [0, 1, 2, 4, 5] and cache.labels.tolist() == [0, 1, 0, 0, 1]
+    (failure,) = cache.failures
+    assert failure['index'] == 3 and 'train.txt:4' in failure['error'] and 'clip 3.mp4' in failure['error']
+
+
+def test_video_identity_covers_pipeline_and_list(backbone, video_list, tmp_path):
+    data = VideoDataset(video_list, pipeline=small('val'), on_error='skip')
+    with pytest.warns(UserWarning): extract_features(backbone, data, tmp_path, progress=False)
+    with pytest.raises(CacheMismatchError, match='another pipeline'):
+        extract_features(backbone, VideoDataset(video_list, pipeline=get_pipeline('chimpbehave_val', clip_len=4, short_side=40,
+                                                                                  crop_size=32), on_error='skip'), tmp_path, progress=False)
+    other_list = video_list.parent/'other.txt'
+    other_list.write_text(video_list.read_text().replace(' 1\n', ' 0\n'))
+    with pytest.raises(CacheMismatchError, match='another dataset'):
+        extract_features(backbone, VideoDataset(other_list, pipeline=small('val'), on_error='skip'), tmp_path, progress=False)
+
+
+def test_augmented_views_of_real_clips_are_seeded(backbone, video_list, tmp_path):
+    data = torch.utils.data.Subset(VideoDataset(video_list, pipeline=small('train')), [0, 1])
+    a = extract_features(backbone, data, tmp_path/'a', aug_views=3, dtype='float32', progress=False)
+    b = extract_features(backbone, data, tmp_path/'b', aug_views=3, dtype='float32', shard_size=1, batch_size=1, progress=False)
+    assert a.features.shape == (2, 3, backbone.num_features)
+    torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
+    assert (a.features[:, 0] - a.features[:, 1]).abs().max() > 1e-3   # the draws differ from each other

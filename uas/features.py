@@ -6,17 +6,18 @@
 __all__ = ['CACHE_FORMAT', 'weights_hash', 'describe_pipeline', 'describe_dataset', 'CacheMismatchError', 'cache_identity',
            'check_identity', 'FeatureCache', 'GuardedClips', 'extract_features']
 
-# %% ../nbs/06_features.ipynb #c62798a4
+# %% ../nbs/06_features.ipynb #cb659951
 import hashlib, json, os, random, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .backbone import pool
+from .data import Skip, VideoDataset
 
 # %% ../nbs/06_features.ipynb #edd44fad
 def weights_hash(module:torch.nn.Module # the backbone whose weights (parameters and buffers) identify the cache
@@ -42,13 +43,17 @@ def describe_pipeline(pipeline # a `uas.video.Pipeline`, a description string, o
         raise TypeError(f'cannot describe the pipeline {text} stably: give it a `description` or pass a string')
     return text
 
-# %% ../nbs/06_features.ipynb #caa07e4a
-def describe_dataset(dataset # any map-style dataset; `annotations`, when present, is hashed
+# %% ../nbs/06_features.ipynb #269d281e
+def _digest(obj) -> str: return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+def describe_dataset(dataset # any map-style dataset; a `VideoDataset`'s clip list and folder are hashed
                     ) -> str:
-    "Type, length and (when the dataset has `annotations`) a hash of its list of clips."
+    "Type, length and, where known, a hash of the clips (and folder) the dataset reads."
     text = f'{type(dataset).__name__} of {len(dataset)}'
+    if isinstance(dataset, Subset): return f'{text} {_digest(list(dataset.indices))} from {describe_dataset(dataset.dataset)}'
     annotations = getattr(dataset, 'annotations', None)
-    if annotations is not None: text += ' ' + hashlib.sha256(repr(annotations).encode()).hexdigest()[:16]
+    if annotations is not None:
+        text += f" {_digest(list(getattr(annotations, 'entries', annotations)))} in {getattr(dataset, 'data_prefix', '')}"
     return text
 
 # %% ../nbs/06_features.ipynb #abb776fa
@@ -139,7 +144,7 @@ class FeatureCache:
         return (f'FeatureCache({str(self.root)!r}: {len(self.done())}/{self.num_shards} shards, '
                 f"{self.num_clips} clips, {self.identity['aug_views']} aug view(s), {self.identity['dtype']})")
 
-# %% ../nbs/06_features.ipynb #184b65a7
+# %% ../nbs/06_features.ipynb #64c3c019
 @contextmanager
 def _seeded(seed:int):
     "Seed Python, numpy and torch for the block, then restore their previous states."
@@ -149,17 +154,24 @@ def _seeded(seed:int):
         try: yield
         finally: random.setstate(states[0]); np.random.set_state(states[1])
 
+def _read(dataset, index:int, seed:int):
+    "Item `index` of `dataset`, its random draw fixed by `seed`."
+    if isinstance(dataset, Subset): return _read(dataset.dataset, dataset.indices[index], seed)
+    if isinstance(dataset, VideoDataset): return dataset[index, seed]
+    with _seeded(seed): return dataset[index]
+
 class GuardedClips(torch.utils.data.Dataset):
-    "Items `(index, draw)` of `dataset`, seeded per item; an error reading one becomes `{'index', 'draw', 'error'}`."
-    def __init__(self, dataset, # map-style dataset of `{'clip', 'label', 'index'}`
-                 seed:int=0, # with `(index, draw)`, seeds Python, numpy and torch around each read
+    "Items `(index, draw)` of `dataset`, each with its own seeded draw; a clip that fails comes back as `{'index', 'draw', 'error'}`."
+    def __init__(self, dataset, # map-style dataset of `{'clip', 'label', 'index'}`, e.g. `uas.data.VideoDataset`
+                 seed:int=0, # with `(index, draw)`, fixes the random draw of each read
                 ): self.dataset, self.seed = dataset, seed
     def __len__(self): return len(self.dataset)
     def __getitem__(self, item):
         index, draw = item
         try:
-            with _seeded(hash((self.seed, index, draw)) % 2**63): out = self.dataset[index]
-            if out is None: raise RuntimeError('the dataset skipped this clip')
+            out = _read(self.dataset, index, hash((self.seed, index, draw)) % 2**63)
+            if isinstance(out, Skip): raise RuntimeError(f"{out.where}: clip '{out.path}' is {out.status}: {out.reason}")
+            if out is None: raise RuntimeError('the dataset returned no clip')
             return dict(clip=out['clip'], label=int(out['label']), index=index, draw=draw)
         except Exception as e: return dict(index=index, draw=draw, error=f'{type(e).__name__}: {e}')
 
@@ -197,7 +209,11 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
                 indices=torch.tensor(kept, dtype=torch.long),
                 failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
 
-# %% ../nbs/06_features.ipynb #d175f3ac
+# %% ../nbs/06_features.ipynb #497d9a46
+def _pipeline_of(dataset):
+    "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
+    return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
+
 def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, H, W]` -> `[N, C, T', H', W']`
                      dataset, # map-style dataset of `{'clip': [V, 3, T, H, W], 'label', 'index'}`, e.g. `uas.data.VideoDataset`
                      cache_dir, # the cache's folder (created, or resumed when it exists)
@@ -215,7 +231,7 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                     ) -> FeatureCache:
     "Extract (or finish extracting) the features of `dataset` into `cache_dir`, checked against an existing cache."
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    pipeline = pipeline if pipeline is not None else getattr(dataset, 'pipeline', None)
+    pipeline = pipeline if pipeline is not None else _pipeline_of(dataset)
     identity = cache_identity(backbone, pipeline, dataset, arch, aug_views, pooled, dtype, seed)
     root = Path(cache_dir)
     if (root/'manifest.json').exists():
