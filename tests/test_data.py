@@ -276,13 +276,14 @@ def test_test_mode_keeps_views_together_in_list_order(mixed):
     batches = list(make_loader(ds, batch_size=2, test_mode=True, pin_memory=torch.cuda.is_available()))
     assert [b['index'].tolist() for b in batches] == [[0, 1], [2], [4]]  # sorted paths; 3, 5 and 6 are broken
     assert [tuple(b['clip'].shape) for b in batches] == [(2, 6, 3, 2, 24, 24)] + [(1, 6, 3, 2, 24, 24)] * 2  # 2 clips x 3 crops
-    if torch.cuda.is_available(): assert batches[0]['clip'].is_pinned()
+    if torch.cuda.is_available(): assert all(batches[0][k].is_pinned() for k in ('clip', 'label', 'index'))
 
 def test_train_mode_spreads_views_over_the_batch(mixed):
     ds = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_test', **SMALL), on_error='skip')
-    batch = next(iter(make_loader(ds, batch_size=2, shuffle=False)))
+    batch = next(iter(make_loader(ds, batch_size=2, shuffle=False, num_workers=1)))
     assert batch['clip'].shape == (6, 3, 4, 32, 32) and batch['label'].tolist() == [0, 0, 0, 0, 0, 0]
     assert batch['index'].tolist() == [0, 0, 0, 1, 1, 1]
+    if torch.cuda.is_available(): assert all(batch[k].is_pinned() for k in ('clip', 'label', 'index'))  # spread before pinning
 
 # ---------------------------------------------------------------- check_dataset
 def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):

@@ -8,9 +8,10 @@ __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COL
            'find_behavior_map', 'read_annotations', 'SkipReport', 'VideoDataset', 'ClipSampler', 'collate_clips',
            'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset', 'without_problems']
 
-# %% ../nbs/01_data.ipynb #1ebf1c1a
+# %% ../nbs/01_data.ipynb #8f876954
 import json, logging, random
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -334,16 +335,21 @@ class ClipSampler(Sampler):
         seeds = rng.integers(0, 2**63 - 1, self.n)
         return iter([(int(i), int(seeds[i])) for i in order[self.rank::self.world_size]])
 
-# %% ../nbs/01_data.ipynb #053b20fe
-def collate_clips(items:list) -> dict:
-    "Stack the clips, labels and indices of a batch and carry its `Skip`s along under 'skipped'."
+# %% ../nbs/01_data.ipynb #366b09e9
+def collate_clips(items:list, # dataset items: dicts, and `Skip`s for clips skipped
+                  spread_views:bool=False # make each view a sample of its own: clips [N*views, ...], labels repeated
+                 ) -> dict:
+    "Stack the clips [N, views, 3, T, H, W], labels and indices of a batch; carry its `Skip`s along under 'skipped'."
     good = [it for it in items if not isinstance(it, Skip)]
-    return {'clip': torch.stack([g['clip'] for g in good]) if good else torch.empty(0),
-            'label': torch.tensor([g['label'] for g in good], dtype=torch.long),
-            'index': torch.tensor([g['index'] for g in good], dtype=torch.long),
-            'skipped': [it for it in items if isinstance(it, Skip)]}
+    clip = torch.stack([g['clip'] for g in good]) if good else torch.empty(0)
+    label = torch.tensor([g['label'] for g in good], dtype=torch.long)
+    index = torch.tensor([g['index'] for g in good], dtype=torch.long)
+    if good and spread_views:
+        views = clip.shape[1]
+        clip, label, index = clip.flatten(0, 1), label.repeat_interleave(views), index.repeat_interleave(views)
+    return {'clip': clip, 'label': label, 'index': index, 'skipped': [it for it in items if isinstance(it, Skip)]}
 
-# %% ../nbs/01_data.ipynb #06563439
+# %% ../nbs/01_data.ipynb #2d8c8e09
 def seed_worker(worker_id:int):
     "Seed Python's and numpy's global generators in a loader worker from torch's per-worker seed."
     seed = torch.initial_seed() % 2**32
@@ -352,8 +358,8 @@ def seed_worker(worker_id:int):
 
 class ClipLoader:
     "Batches of a `VideoDataset` (`{'clip', 'label', 'index'}`), recording every skipped clip in the main process."
-    def __init__(self, dataset, loader, sampler, test_mode):
-        self.dataset, self.loader, self.sampler, self.test_mode, self.epoch = dataset, loader, sampler, test_mode, 0
+    def __init__(self, dataset, loader, sampler):
+        self.dataset, self.loader, self.sampler, self.epoch = dataset, loader, sampler, 0
 
     def __len__(self): return len(self.loader)
     def set_epoch(self, epoch:int):
@@ -365,16 +371,11 @@ class ClipLoader:
         try:
             for batch in self.loader:
                 self.dataset.record_skips(batch.pop('skipped'))
-                if not len(batch['index']): continue
-                if not self.test_mode:
-                    views = batch['clip'].shape[1]
-                    batch['clip'] = batch['clip'].flatten(0, 1)
-                    batch['label'], batch['index'] = batch['label'].repeat_interleave(views), batch['index'].repeat_interleave(views)
-                yield batch
+                if len(batch['index']): yield batch
             self.epoch += 1
         finally: self.dataset.write_skip_report(rank=self.sampler.rank if self.sampler.world_size > 1 else None)
 
-# %% ../nbs/01_data.ipynb #d15a2b66
+# %% ../nbs/01_data.ipynb #adcd99cb
 def make_loader(dataset:VideoDataset, # the clips
                 batch_size:int=1, # clips per batch (fewer when some are skipped)
                 test_mode:bool=False, # keep each clip's views together ([N, views, ...]) and the list order
@@ -390,10 +391,11 @@ def make_loader(dataset:VideoDataset, # the clips
     "A loader over `dataset` with seeded order and augmentation, optional workers, pinned memory and a skip report."
     sampler = ClipSampler(len(dataset), shuffle=not test_mode if shuffle is None else shuffle, seed=seed, rank=rank,
                           world_size=world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_clips,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=partial(collate_clips, spread_views=not test_mode),
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
                         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kwargs)
-    return ClipLoader(dataset, loader, sampler, test_mode)
+    return ClipLoader(dataset, loader, sampler)
 
 # %% ../nbs/01_data.ipynb #dae1e0b7
 def probe_clip(path, # the clip file
