@@ -133,3 +133,16 @@ def test_motion_not_a_single_frame_tells_climbing_up_from_down(tmp_path, difficu
     accuracy = lambda X: cross_val_score(LogisticRegression(max_iter=2000), X, labels, cv=folds).mean()
     assert accuracy(grey(clips[:, 8])) <= .6
     assert accuracy(grey(clips[:, 12]) - grey(clips[:, 4])) >= .8
+
+
+def test_sets_load_through_uas_data(tiny_sets):
+    "The lists and classes file are what uas.data reads; a clip comes out of a VideoDataset with its label."
+    from uas.data import VideoDataset, read_annotations
+    from uas.video import val_pipeline
+    root, sets = tiny_sets
+    s = sets['a']
+    annotations = read_annotations(s['lists']['val'], classes=s['classes_file'])
+    assert annotations.classes == list(TARGET_BEHAVIOURS) and len(annotations) == sum(s['counts']['val'].values())
+    dataset = VideoDataset(annotations, root / 'a', val_pipeline(clip_len=8, frame_interval=1, short_side=32, crop_size=32))
+    item = dataset[len(dataset) - 1]
+    assert item['label'] == TARGET_BEHAVIOURS.index('running') and tuple(item['clip'].shape) == (1, 3, 8, 32, 32)
