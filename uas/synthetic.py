@@ -18,7 +18,7 @@ import numpy as np
 from .video import write_video
 
 # %% ../nbs/01b_synthetic.ipynb #c005
-GENERATOR_VERSION = 1 # bump on any change that alters the clips or the lists; the changelog above says why
+GENERATOR_VERSION = 1 # bump on any change that alters the clips or the lists; the changelog in nbs/01b_synthetic.ipynb says why
 
 # %% ../nbs/01b_synthetic.ipynb #c007
 SOURCE_ACTIONS = ('move_left', 'move_right', 'move_up', 'move_down', 'rotate_clockwise', 'rotate_anticlockwise',
@@ -404,7 +404,7 @@ def make_synthetic(root, # folder to write the set into
     difficulty, root = as_difficulty(difficulty), Path(root)
     splits = DEFAULT_SPLITS[kind] if splits is None else splits
     counts = {split: dict(zip(classes, split_counts(class_weights, total, min_per_class))) for split, total in splits.items()}
-    summary = dict(root=str(root), kind=kind, seed=seed, generator_version=GENERATOR_VERSION, classes=list(classes),
+    summary = dict(root=str(root), kind=kind, seed=int(seed), generator_version=GENERATOR_VERSION, classes=list(classes),
                    class_weights=[float(w) for w in class_weights], counts=counts,
                    lists={split: str(root / f'{split}.txt') for split in splits}, classes_file=str(root / 'classes.txt'),
                    size=list(size), num_frames=num_frames, fps=fps, difficulty=dataclasses.asdict(difficulty), crf=crf)
