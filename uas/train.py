@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAPER_CUSTOM_KEYS', 'NORM_LAYERS', 'match_custom_key', 'paper_param_groups', 'describe_param_groups',
-           'paper_lr_factor', 'paper_schedule', 'GradientAccumulator', 'seed_everything']
+           'paper_lr_factor', 'paper_schedule', 'GradientAccumulator', 'seed_everything', 'epoch_order', 'fit_head',
+           'evaluate_online', 'train_head_online', 'evaluate_cached', 'train_head_cached']
 
 # %% ../nbs/07_train.ipynb #c7208a26
 import math, random
@@ -138,3 +139,184 @@ def seed_everything(seed:int, # the seed for Python, numpy and torch
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
+
+# %% ../nbs/07_train.ipynb #87b54cc4
+import time, warnings
+
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .features import GuardedClips
+from .metrics import average_views, evaluate
+
+# %% ../nbs/07_train.ipynb #939277b7
+def epoch_order(n:int, # number of training clips
+                epoch:int, # the epoch (0-based)
+                seed:int=0, # the run's seed
+               ) -> list:
+    "The order in which epoch `epoch` visits clips `0..n-1`: a permutation fixed by `(seed, epoch)`."
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+# %% ../nbs/07_train.ipynb #3ccf452e
+def _clip_logits(run, x):
+    "Logits `[B, K]` of `x [B, V, ...]`: `run` on the `B*V` views, averaged over each clip's views."
+    b, v = x.shape[:2]
+    return run(x.flatten(0, 1)).view(b, v, -1).mean(1)
+
+# %% ../nbs/07_train.ipynb #dfe1c51c
+def fit_head(model:torch.nn.Module, # a `Recognizer`; only its trainable parameters (the head) learn
+             batches, # `batches(epoch)` -> iterable of micro-batches `(inputs [B, V, ...], labels [B])`
+             run, # `run(inputs [B*V, ...])` -> logits `[B*V, K]`
+             num_clips:int, # clips per epoch (the progress bar's total)
+             iters_per_epoch:int, # micro-batches per epoch (the schedule's iterations)
+             epochs:int=30, # the paper's 30
+             update_interval:int=8, # micro-batches per optimiser step (the paper's gradient accumulation)
+             validate=None, # `validate()` -> dict of metrics, or None
+             val_every:int=5, # validate every this many epochs (and after the last)
+             device=None, # where the head trains
+             progress:bool=True, # show a progress bar per epoch
+             desc:str='train', # the progress bar's label
+            ) -> list:
+    "Train `model`'s trainable parameters with the paper's recipe; a list of per-epoch records (loss, lr, time, metrics)."
+    optimizer = torch.optim.AdamW(paper_param_groups(model), betas=(0.9, 0.999))
+    schedule = paper_schedule(optimizer, epochs, iters_per_epoch)
+    accumulator = GradientAccumulator(optimizer, update_interval)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        start, total, seen = time.perf_counter(), 0., 0
+        with tqdm(total=num_clips, unit='clip', disable=not progress, desc=f'{desc} {epoch + 1}/{epochs}', leave=False) as bar:
+            for inputs, labels in batches(epoch):
+                labels = labels.to(device)
+                loss = F.cross_entropy(_clip_logits(run, inputs), labels)
+                accumulator.backward(loss)
+                lr = optimizer.param_groups[0]['lr']
+                with warnings.catch_warnings():  # the schedule counts micro-batches, so it may step before the optimizer does
+                    warnings.filterwarnings('ignore', 'Detected call of `lr_scheduler.step')
+                    schedule.step()
+                total, seen = total + loss.item() * len(labels), seen + len(labels)
+                bar.update(len(labels))
+        record = dict(epoch=epoch + 1, loss=total / max(seen, 1), lr=lr,
+                      seconds=time.perf_counter() - start, clips=seen)
+        record['clips_per_s'] = seen / max(record['seconds'], 1e-9)
+        if validate is not None and ((epoch + 1) % val_every == 0 or epoch + 1 == epochs): record.update(validate())
+        history.append(record)
+    return history
+
+# %% ../nbs/07_train.ipynb #9dcf14f5
+def _online_batches(data, order, epoch, batch_size, num_workers, seed, failures):
+    "Micro-batches `(clips [B, V, 3, T, H, W], labels [B])` of `data` in `order`; unreadable clips go to `failures`."
+    items = [[(i, epoch) for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+    for batch in DataLoader(GuardedClips(data, seed), batch_sampler=items, num_workers=num_workers, collate_fn=list):
+        for b in batch:
+            if 'error' in b: failures.setdefault(b['index'], b['error'])
+        good = [b for b in batch if 'error' not in b]
+        if good: yield torch.stack([b['clip'] for b in good]), torch.tensor([b['label'] for b in good])
+
+def _report(failures, what):
+    if failures: warnings.warn(f'{len(failures)} clips could not be read and were left out of {what}: ' +
+                               '; '.join(f'#{i}: {e}' for i, e in sorted(failures.items())))
+
+# %% ../nbs/07_train.ipynb #da63aedd
+@torch.no_grad()
+def evaluate_online(model:torch.nn.Module, # a `Recognizer`
+                    data, # dataset of `{'clip': [V, 3, T, H, W], 'label', 'index'}` (e.g. a test pipeline's views)
+                    batch_size:int=4, # clips per forward pass
+                    num_workers:int=0, # DataLoader workers
+                    device=None, # where the model runs
+                    amp:bool=None, # bfloat16 autocast; default: on a GPU
+                   ) -> dict:
+    "`uas.metrics.evaluate` of `model` on every readable clip of `data`, views averaged as softmax probabilities."
+    device = torch.device(device or 'cpu')
+    amp = device.type == 'cuda' if amp is None else amp
+    model.eval()
+    scores, labels, failures = [], [], {}
+    for clips, y in _online_batches(data, list(range(len(data))), 0, batch_size, num_workers, 0, failures):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(clips.to(device).flatten(0, 1)).float()
+        scores.append(average_views(logits.view(len(y), clips.shape[1], -1)).cpu()); labels.append(y)
+    _report(failures, 'validation')
+    return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), torch.cat(labels)).items()}
+
+# %% ../nbs/07_train.ipynb #31f5de69
+def train_head_online(model:torch.nn.Module, # a `Recognizer` built in `uas` mode (frozen backbone, trainable head)
+                      train_data, # training dataset of `{'clip', 'label', 'index'}`
+                      epochs:int=30, # the paper's 30
+                      batch_size:int=1, # clips per micro-batch (the paper: 1; ChimpBehave 2)
+                      update_interval:int=8, # micro-batches per optimiser step (the paper: 8)
+                      val_data=None, # validation dataset, or None
+                      val_every:int=5, # validate every this many epochs (the paper: 5)
+                      seed:int=0, # sample order and augmentation draws
+                      num_workers:int=0, # DataLoader workers
+                      device=None, # default: 'cuda' when available
+                      amp:bool=None, # bfloat16 autocast of the forward pass; default: on a GPU
+                      progress:bool=True, # progress bars with clips/s
+                     ) -> list:
+    "Train the head the paper's way: every epoch decodes, augments and runs the frozen backbone on every clip."
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    amp = device.type == 'cuda' if amp is None else amp
+    model.to(device)
+    failures = {}
+    def batches(epoch):
+        return _online_batches(train_data, epoch_order(len(train_data), epoch, seed), epoch, batch_size, num_workers, seed, failures)
+    def run(clips):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp): return model(clips.to(device, non_blocking=True)).float()
+    validate = None if val_data is None else lambda: evaluate_online(model, val_data, batch_size, num_workers, device, amp)
+    history = fit_head(model, batches, run, len(train_data), -(-len(train_data) // batch_size),
+                       epochs, update_interval, validate, val_every, device, progress, 'online')
+    _report(failures, 'training')
+    return history
+
+# %% ../nbs/07_train.ipynb #25a5f58c
+def _cache_views(cache, epoch):
+    "The features of draw `epoch % aug_views` of every clip: `[n, V, ...]`."
+    draws = cache.identity['aug_views']
+    v = cache.features.shape[1] // draws
+    d = epoch % draws
+    return cache.features[:, d * v:(d + 1) * v]
+
+@torch.no_grad()
+def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head` runs
+                    cache, # a `FeatureCache` of the validation or test set
+                    batch_size:int=256, # clips per head call
+                    device=None, # where the head runs
+                   ) -> dict:
+    "`uas.metrics.evaluate` of `model.cls_head` on the first draw of every cached clip, views averaged as probabilities."
+    device = torch.device(device or 'cpu')
+    model.eval()
+    features = _cache_views(cache, 0)
+    scores = [average_views(_per_view(model.cls_head, features[s:s + batch_size].to(device).float())).cpu()
+              for s in range(0, len(features), batch_size)]
+    _report({f['index']: f['error'] for f in cache.failures}, f'the cache {cache.root}')
+    return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), cache.labels).items()}
+
+def _per_view(head, x):
+    b, v = x.shape[:2]
+    return head(x.flatten(0, 1)).view(b, v, -1)
+
+# %% ../nbs/07_train.ipynb #fce9da2e
+def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; only `model.cls_head` runs
+                      train_cache, # a `FeatureCache` of the training set (`uas.features.extract_features`)
+                      epochs:int=30, # the paper's 30
+                      batch_size:int=1, # clips per micro-batch (as online, for the same computation)
+                      update_interval:int=8, # micro-batches per optimiser step
+                      val_cache=None, # a `FeatureCache` of the validation set, or None
+                      val_every:int=5, # validate every this many epochs
+                      seed:int=0, # sample order
+                      device=None, # default: 'cuda' when available
+                      progress:bool=True, # progress bars with clips/s
+                     ) -> list:
+    "Train the head from cached features with the online loop's recipe, order and metrics."
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model.to(device)
+    _report({f['index']: f['error'] for f in train_cache.failures}, f'the cache {train_cache.root}')
+    labels, n = train_cache.labels, len(train_cache)
+    def batches(epoch):
+        features, order = _cache_views(train_cache, epoch), epoch_order(n, epoch, seed)
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            yield features[idx].to(device).float(), labels[idx]
+    validate = None if val_cache is None else lambda: evaluate_cached(model, val_cache, device=device)
+    return fit_head(model, batches, model.cls_head, n, -(-n // batch_size),
+                    epochs, update_interval, validate, val_every, device, progress, 'cached')
