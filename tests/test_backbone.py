@@ -6,7 +6,7 @@ from torchvision.ops import StochasticDepth
 
 import uas.backbone as bb
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # the test machine is shared: one thread each
 
 
 def torchvision_features(tv, x):
@@ -132,3 +132,73 @@ def test_frozen_stages():
     assert not any(p.requires_grad for p in model.layers[0].parameters())
     assert all(p.requires_grad for p in model.layers[1].parameters())
     assert not model.layers[0].training and model.layers[1].training
+
+
+def test_fast_equals_math_mini_batch():
+    "Several clips with shifted windows (the fused path attends one clip at a time), eval and train with gradients."
+    model = bb.swin3d_mini(drop_path_rate=0.)
+    x = torch.randn(3, 3, 8, 72, 56)  # 4x18x14 tokens: padding in H and W
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model.set_fast(True)(x), model.set_fast(False)(x), atol=1e-4, rtol=0)
+    model.train()
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        y = model.set_fast(fast)(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[1].items():
+        assert (grads[0][name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+
+
+def test_drop_path_same_seed():
+    "With drop path on, the fast and the math path drop the same branches under the same seed."
+    model = bb.swin3d_mini(drop_path_rate=0.5).train()
+    x = torch.randn(4, 3, 8, 64, 64)
+    outs, grads = [], []
+    for fast in (True, False):
+        model.zero_grad()
+        torch.manual_seed(5)
+        y = model.set_fast(fast)(x)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum().backward()  # (a sum of squares of a LayerNorm output has ~0 gradient)
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
+    for g_fast, g_math in zip(*grads): assert (g_fast - g_math).abs().max() <= 1e-4 * g_math.abs().max()
+    torch.manual_seed(6)
+    with torch.no_grad(): assert (model(x) - outs[0]).abs().max() > 1e-2  # drop path really is active
+
+
+def test_frozen_bias_cache_follows_weights():
+    frozen, other = bb.swin3d_mini().eval().requires_grad_(False), bb.swin3d_mini().eval()
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        before = frozen(x)
+        assert all(m._bias_cache for m in frozen.modules() if isinstance(m, bb.WindowAttention3D))
+        frozen.load_state_dict(other.state_dict())
+        after = frozen(x)
+        torch.testing.assert_close(after, other.set_fast(False)(x), atol=1e-4, rtol=0)
+        assert (after - before).abs().max() > 1e-2
+
+
+def test_inference_caches_then_training():
+    "Caches filled under inference_mode still serve a later training pass (e.g. LoRA: inputs need gradients)."
+    model = bb.swin3d_mini().train().requires_grad_(False)
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.inference_mode(): model(x)
+    x.requires_grad_(True)
+    model(x).square().mean().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_use_checkpoint_same_gradients():
+    torch.manual_seed(0)
+    model = bb.swin3d_mini(drop_path_rate=0.)
+    x = torch.randn(1, 3, 8, 64, 64)
+    model(x).square().mean().backward()
+    expected = model.layers[0].blocks[1].attn.qkv.weight.grad.clone()
+    checkpointed = bb.swin3d_mini(drop_path_rate=0., use_checkpoint=True)
+    checkpointed.load_state_dict(model.state_dict())
+    checkpointed(x).square().mean().backward()
+    torch.testing.assert_close(checkpointed.layers[0].blocks[1].attn.qkv.weight.grad, expected)
