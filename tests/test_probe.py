@@ -1,0 +1,115 @@
+"Online (the paper's) and cached UAS head training compute the same head; broken clips never vanish silently."
+import numpy as np
+import pytest
+import torch
+
+from uas.data import VideoDataset
+from uas.features import extract_features
+from uas.model import build_recognizer
+from uas.train import evaluate_cached, evaluate_online, seed_everything, train_head_cached, train_head_online
+from uas.video import get_pipeline, write_video
+
+EPOCHS = 5
+SETTINGS = dict(batch_size=2, update_interval=2, device='cpu', progress=False)
+
+
+@pytest.fixture(scope='module')
+def clips(tmp_path_factory):
+    "Seven 8-frame 32x32 mp4 clips (three classes by brightness) in `train.txt`; `broken.txt` adds a truncated one."
+    root = tmp_path_factory.mktemp('probe')
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(7):
+        frames = rng.integers(0, 80, (8, 32, 32, 3)) + 80 * (i % 3)
+        lines.append(f'{write_video(root/f"clip_{i}.mp4", frames.astype(np.uint8), fps=8).name} {i % 3}')
+    (root/'bad.mp4').write_bytes((root/'clip_0.mp4').read_bytes()[:300])
+    (root/'train.txt').write_text('\n'.join(lines) + '\n')
+    (root/'broken.txt').write_text('\n'.join(lines[:3] + ['bad.mp4 1'] + lines[3:]) + '\n')
+    return root
+
+
+def pipeline(stage): return get_pipeline(f'chimpbehave_{stage}', clip_len=8, short_side=32, crop_size=32)
+
+
+def head_state(model): return {k: v.clone() for k, v in model.cls_head.state_dict().items()}
+
+
+def probe_model():
+    "swin3d_mini recognizer in uas mode, backbone in eval mode, dropout off: the setting where both loops must agree."
+    seed_everything(0)
+    return build_recognizer('swin3d_mini', 3, mode='uas', backbone_train_mode=False, dropout=0.)
+
+
+def assert_same_head(a, b, start):
+    for k in a: torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert (a['fc_cls.weight'] - start['fc_cls.weight']).abs().max() > 1e-4  # the head really trained (10x the tolerance)
+
+
+def test_online_and_cached_training_give_the_same_head(clips, tmp_path):
+    data = VideoDataset(clips/'train.txt', pipeline=pipeline('val'))
+    model = probe_model()
+    start = head_state(model)
+    online_history = train_head_online(model, data, EPOCHS, **SETTINGS)
+    online = head_state(model)
+    model.cls_head.load_state_dict(start)
+    cache = extract_features(model.backbone, data, tmp_path, dtype='float32', shard_size=3, progress=False)
+    cached_history = train_head_cached(model, cache, EPOCHS, **SETTINGS)
+    assert_same_head(head_state(model), online, start)
+    np.testing.assert_allclose([h['loss'] for h in cached_history], [h['loss'] for h in online_history], atol=1e-5)
+    assert [h['lr'] for h in cached_history] == [h['lr'] for h in online_history]
+
+
+def test_a_cache_with_a_draw_per_epoch_sees_the_online_augmentation(clips, tmp_path):
+    "Augmented online training equals cached training on as many seeded draws as epochs (backbone eval, no dropout)."
+    data = VideoDataset(clips/'train.txt', pipeline=pipeline('train'))
+    model = probe_model()
+    start = head_state(model)
+    train_head_online(model, data, 3, seed=4, **SETTINGS)
+    online = head_state(model)
+    model.cls_head.load_state_dict(start)
+    cache = extract_features(model.backbone, data, tmp_path, dtype='float32', aug_views=3, seed=4, progress=False)
+    train_head_cached(model, cache, 3, seed=4, **SETTINGS)
+    assert_same_head(head_state(model), online, start)
+    model.cls_head.load_state_dict(start)
+    train_head_cached(model, cache, 3, seed=5, **SETTINGS)  # another sample order: another head
+    assert (head_state(model)['fc_cls.weight'] - online['fc_cls.weight']).abs().max() > 1e-6
+
+
+def test_validation_metrics_agree(clips, tmp_path):
+    data = VideoDataset(clips/'train.txt', pipeline=pipeline('val'))
+    model = probe_model()
+    cache = extract_features(model.backbone, data, tmp_path, dtype='float32', progress=False)
+    online, cached = evaluate_online(model, data, device='cpu'), evaluate_cached(model, cache, device='cpu')
+    assert online.keys() == cached.keys() and 'val_mean_class_accuracy' in online
+    for k in online: assert online[k] == pytest.approx(cached[k])
+    history = train_head_cached(model, cache, 4, val_cache=cache, val_every=2, **SETTINGS)
+    assert ['val_top1_acc' in h for h in history] == [False, True, False, True]
+
+
+def test_broken_clip_is_reported_and_left_out_of_training(clips, tmp_path):
+    data = VideoDataset(clips/'broken.txt', pipeline=pipeline('val'), on_error='skip')
+    model = probe_model()
+    with pytest.warns(UserWarning, match=r"1 of 8 clips failed.*broken.txt:4.*bad.mp4"):
+        cache = extract_features(model.backbone, data, tmp_path, progress=False)
+    assert 3 not in cache.indices.tolist() and len(cache) == 7
+    with pytest.warns(UserWarning, match=r"1 clips could not be read and were left out.*bad.mp4"):
+        history = train_head_cached(model, cache, 2, **SETTINGS)
+    assert [h['clips'] for h in history] == [7, 7]
+    with pytest.warns(UserWarning, match=r"1 clips could not be read and were left out of training.*bad.mp4"):
+        history = train_head_online(model, data, 2, **SETTINGS)
+    assert [h['clips'] for h in history] == [7, 7]
+
+
+def test_online_training_runs_the_frozen_backbone_as_the_paper(clips):
+    "Default (paper) setting: backbone in train mode during training, its weights unchanged; only the head learns."
+    data = VideoDataset(clips/'train.txt', pipeline=pipeline('train'))
+    seed_everything(0)
+    model = build_recognizer('swin3d_mini', 3, mode='uas')
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    modes = []
+    model.backbone.register_forward_hook(lambda m, args, out: modes.append(m.training))
+    start = head_state(model)
+    train_head_online(model, data, 1, **SETTINGS)
+    assert modes and all(modes)
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
+    assert not torch.equal(head_state(model)['fc_cls.weight'], start['fc_cls.weight'])
