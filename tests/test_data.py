@@ -339,3 +339,32 @@ def test_a_checked_run_starts_clean_and_still_reports(mixed, tmp_path):
     assert [len(b['index']) for b in make_loader(ds, batch_size=2)] == [2, 2]
     report = pd.read_csv(tmp_path/'skipped_clips.csv')
     assert sorted(report.path) == sorted(bad) and set(report.status) == {'unreadable'}
+
+def faststart_clip(path, n=16, size=32):
+    "An h264 mp4 with its index (moov) at the front, so that a truncated copy still opens."
+    import av
+    with av.open(str(path), 'w', options={'movflags': 'faststart'}) as out:
+        stream = out.add_stream('libx264', rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = 'yuv420p'
+        for t in range(n): out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((size, size, 3), 10*t, np.uint8), format='rgb24')))
+        out.mux(stream.encode())
+    return path
+
+def test_check_flags_every_file_a_run_skips_among_damaged_files(tmp_path):
+    root = tmp_path/'clips'/'sit'
+    root.mkdir(parents=True)
+    data = faststart_clip(tmp_path/'whole.mp4').read_bytes()
+    rng = np.random.default_rng(0)
+    for frac in (0.5, 0.7, 0.8, 0.9, 0.95):
+        (root/f'cut{frac}.mp4').write_bytes(data[:int(len(data)*frac)])
+        (root/f'noise{frac}.mp4').write_bytes(data[:int(len(data)*frac)] + rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (root/'garbage_after_header.mp4').write_bytes(data[:64] + rng.integers(0, 256, len(data), dtype=np.uint8).tobytes())
+    ann = read_annotations(tmp_path/'clips')
+    flagged = set(check_dataset(ann, min_frames=16).attrs['problems'].path)
+    assert 'sit/garbage_after_header.mp4' in flagged and len(flagged) == len(ann)  # every copy lost frames or is garbage
+    for name in ('chimpbehave_train', 'chimpbehave_val'):
+        for seed in range(3):
+            ds = VideoDataset(ann, pipeline=get_pipeline(name, **SMALL), on_error='skip')
+            assert sum(len(b['index']) for b in make_loader(ds, batch_size=4, seed=seed)) + len(ds.load_skips) == len(ds)
+            assert set(ds.skip_report().path) <= flagged  # a run skips nothing that the check lets through

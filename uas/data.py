@@ -397,7 +397,7 @@ def make_loader(dataset:VideoDataset, # the clips
                         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kwargs)
     return ClipLoader(dataset, loader, sampler)
 
-# %% ../nbs/01_data.ipynb #dae1e0b7
+# %% ../nbs/01_data.ipynb #c7415124
 def probe_clip(path, # the clip file
                min_frames:int=1, # fewer frames than this is 'too short'
                chunk:int=32 # frames decoded at a time
@@ -408,9 +408,9 @@ def probe_clip(path, # the clip file
     try:
         with open_video(path) as video:
             n = len(video)
-            if n < min_frames: return 'too short', n, f'{n} frames, fewer than {min_frames}'
             for start in range(0, n, chunk): video.get_frames(list(range(start, min(n, start + chunk))))
     except VideoReadError as e: return 'unreadable', 0, e.reason
+    if n < min_frames: return 'too short', n, f'{n} frames, fewer than {min_frames}'
     return 'ok', n, ''
 
 # %% ../nbs/01_data.ipynb #60eb6e09
