@@ -291,7 +291,7 @@ def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):
     (root/'sit'/'notes.txt').write_text('x')
     ds = VideoDataset(root, pipeline=get_pipeline('chimpbehave_val', **SMALL), on_error='skip')
     list(make_loader(ds, batch_size=2))
-    summary = check_dataset(root, num_workers=2)
+    summary = check_dataset(root, num_workers=2, progress=True)
     problems = summary.attrs['problems']
     assert sorted(problems.path) == sorted(ds.skip_report().path)
     assert dict(zip(problems.path, problems.status)) == dict(zip(ds.skip_report().path, ds.skip_report().status))

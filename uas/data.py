@@ -8,7 +8,7 @@ __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COL
            'find_behavior_map', 'read_annotations', 'SkipReport', 'VideoDataset', 'ClipSampler', 'collate_clips',
            'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset', 'without_problems']
 
-# %% ../nbs/01_data.ipynb #8f876954
+# %% ../nbs/01_data.ipynb #cd764d0d
 import json, logging, random
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from .video import VideoReadError, get_pipeline, open_video
 
@@ -413,7 +414,7 @@ def probe_clip(path, # the clip file
     if n < min_frames: return 'too short', n, f'{n} frames, fewer than {min_frames}'
     return 'ok', n, ''
 
-# %% ../nbs/01_data.ipynb #60eb6e09
+# %% ../nbs/01_data.ipynb #d22d6b93
 class _Probe(Dataset):
     def __init__(self, paths, min_frames): self.paths, self.min_frames = paths, min_frames
     def __len__(self): return len(self.paths)
@@ -430,6 +431,7 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                   data_prefix=None, # the folder relative clip paths start from (default: the annotations' root)
                   min_frames:int=1, # clips with fewer frames are 'too short'
                   num_workers:int=0, # probe clips in this many worker processes
+                  progress:bool=False, # show a progress bar (a check of thousands of clips takes minutes)
                   **read_kw # passed to `read_annotations` (with `on_error='skip'`) when `annotations` is a path
                  ) -> pd.DataFrame:
     "Per-class summary of a dataset: clips listed, ok, missing, unreadable, too short; problems in `.attrs['problems']`."
@@ -437,7 +439,8 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
     elif not isinstance(annotations, Annotations): annotations = read_annotations(annotations, on_error='skip', **read_kw)
     prefix = Path(data_prefix) if data_prefix is not None else annotations.root
     paths = [Path(e.path) if Path(e.path).is_absolute() else prefix/e.path for e in annotations]
-    probes = list(DataLoader(_Probe(paths, min_frames), batch_size=None, num_workers=num_workers))
+    probes = list(tqdm(DataLoader(_Probe(paths, min_frames), batch_size=None, num_workers=num_workers), total=len(paths),
+                       desc='checking clips', disable=not progress))
     clips = pd.DataFrame([(e.label, s, n) for e, (s, n, _) in zip(annotations, probes)], columns=['label', 'status', 'frames'])
     rows = {c: _summary_row(clips[clips.label == i]) for i, c in enumerate(annotations.classes)}
     rows['total'] = _summary_row(clips, len(annotations.skipped))
