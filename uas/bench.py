@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'benchmark', 'results_dir', 'machine_info', 'record', 'time_calls', 'compare', 'library_versions',
-           'devices', 'video_backends', 'bench_env', 'main']
+           'devices', 'video_backends', 'bench_env', 'bench_synthetic', 'bench_probe', 'backbone_pair',
+           'torchvision_features', 'profile_summary', 'dense_work', 'bench_backbone', 'main']
 
 # %% ../nbs/12_bench.ipynb #3945ef37
 import importlib, json, os, platform, statistics, sys, tempfile, time
@@ -150,6 +151,250 @@ def bench_env():
     working = [k for k, v in info['video_backends'].items() if v == 'ok']
     return record('env', info, torch=info['versions']['torch'], threads=info['torch_threads'],
                   devices=len(info['devices']), video_backends=','.join(working) or 'none')
+
+# %% ../nbs/12_bench.ipynb #bee02b62
+@benchmark('synthetic')
+def bench_synthetic(seed:int=0 # generator seed
+                   ):
+    "Write the default target and source synthetic sets and time each (wall and CPU seconds)."
+    from uas.synthetic import make_synthetic
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        for kind in ('target', 'source'):
+            wall, cpu = time.perf_counter(), time.process_time()
+            summary = make_synthetic(Path(d)/kind, kind, seed=seed)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            clips = sum(sum(c.values()) for c in summary['counts'].values())
+            results[kind] = dict(clips=clips, wall_s=wall, cpu_s=cpu, clips_per_s=clips / wall)
+            print(f"{kind:>7}: {clips} clips in {wall:.1f} s wall, {cpu:.1f} s CPU ({clips / wall:.1f} clips/s)")
+    return record('synthetic', results, target_s=results['target']['wall_s'], target_cpu_s=results['target']['cpu_s'],
+                  source_s=results['source']['wall_s'], source_cpu_s=results['source']['cpu_s'])
+
+# %% ../nbs/12_bench.ipynb #a145dad0
+def _probe_data(root, clip_len, size, clips, quick):
+    "The synthetic target training split through a small ChimpBehave training pipeline."
+    from uas.data import VideoDataset, read_annotations
+    from uas.synthetic import make_synthetic
+    from uas.video import get_pipeline
+    extra = dict(splits=dict(train=7), min_per_class=1, size=(32, 32), num_frames=8) if quick else {}
+    summary = make_synthetic(root, 'target', seed=0, **extra)
+    pipeline = get_pipeline('chimpbehave_train', clip_len=clip_len, short_side=size, crop_size=size)
+    data = VideoDataset(read_annotations(summary['lists']['train']), root, pipeline)
+    if clips: data = torch.utils.data.Subset(data, range(min(clips, len(data))))
+    return summary, data
+
+# %% ../nbs/12_bench.ipynb #10b8d3ba
+@benchmark('probe')
+def bench_probe(epochs:int=30, # epochs of head training, online and cached
+                arch:str='swin3d_mini', # backbone preset (random weights)
+                clip_len:int=8, # frames per clip
+                size:int=64, # clip height and width in pixels
+                clips:int=0, # training clips to use (0: the whole training split)
+                root:str=None, # folder of the synthetic target set (made if missing); default: a temporary folder
+                threads:int=0, # torch CPU threads (0: torch's default)
+                quick:store_true=False, # seconds, for tests: a 7-clip set of 32x32 clips, 2 epochs
+               ):
+    "30 epochs of UAS head training, online (the paper) vs from a feature cache (extraction included)."
+    from uas.features import extract_features
+    from uas.model import build_recognizer
+    from uas.train import seed_everything, train_head_cached, train_head_online
+    if quick: epochs, clip_len, size = 2, 4, 32
+    if threads: torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary, data = _probe_data(Path(root or Path(tmp)/'target'), clip_len, size, clips, quick)
+        def recognizer():
+            seed_everything(0)
+            return build_recognizer(arch, len(summary['classes']), mode='uas')
+        online_model, start = recognizer(), time.perf_counter()
+        online = train_head_online(online_model, data, epochs, device='cpu', progress=False)
+        online_s, start = time.perf_counter() - start, time.perf_counter()
+        cached_model = recognizer()
+        cache = extract_features(cached_model.backbone, data, Path(tmp)/'cache', arch=arch, device='cpu', progress=False)
+        extract_s = time.perf_counter() - start
+        cached = train_head_cached(cached_model, cache, epochs, device='cpu', progress=False)
+        cached_s = time.perf_counter() - start
+    results = dict(dataset=f"synthetic target v{summary['generator_version']}, train split", clips=len(data),
+                   classes=len(summary['classes']), arch=arch, clip=f'{clip_len}x{size}x{size}', epochs=epochs,
+                   views_per_clip=1, cache_dtype='float16', online_s=online_s, cached_s=cached_s, extract_s=extract_s,
+                   head_s=cached_s - extract_s, ratio=online_s / cached_s,
+                   online_epoch_s=[h['seconds'] for h in online], cached_epoch_s=[h['seconds'] for h in cached],
+                   online_final_loss=online[-1]['loss'], cached_final_loss=cached[-1]['loss'])
+    for k in ('dataset', 'clips', 'arch', 'clip', 'epochs', 'online_s', 'extract_s', 'head_s', 'cached_s', 'ratio'):
+        print(f'{k:>10}: {results[k]:.4g}' if isinstance(results[k], float) else f'{k:>10}: {results[k]}')
+    return record('probe', results, arch=arch, clip=results['clip'], clips=len(data), epochs=epochs,
+                  online_s=online_s, cached_s=cached_s, ratio=results['ratio'])
+
+# %% ../nbs/12_bench.ipynb #327691fc
+import math
+
+import torch.nn.functional as F
+import torchvision
+
+import uas.backbone
+from .backbone import convert_torchvision_state_dict, get_window_size
+
+# %% ../nbs/12_bench.ipynb #7c1fc8c8
+def backbone_pair(arch:str='swin3d_b', # a preset that torchvision also has: swin3d_t, swin3d_s or swin3d_b
+                  device:str='cpu', # where the models live
+                  seed:int=0 # seed of the random weights
+                 ):
+    "torchvision's `arch` with random weights and ours with the same weights, both frozen and in eval mode."
+    torch.manual_seed(seed)
+    tv = getattr(torchvision.models.video, arch)().eval().requires_grad_(False)
+    ours = getattr(uas.backbone, arch)().eval().requires_grad_(False)
+    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    return tv.to(device), ours.to(device)
+
+def torchvision_features(tv, # a torchvision `SwinTransformer3d`
+                         x # clips `[N, 3, T, H, W]`
+                        ):
+    "torchvision's feature map `[N, C, T', H', W']` (its `features` and `norm`, no head), as our backbone returns it."
+    return tv.norm(tv.features(tv.patch_embed(x))).permute(0, 4, 1, 2, 3)
+
+# %% ../nbs/12_bench.ipynb #5ad62b09
+def profile_summary(fn, # a function of no arguments
+                    top:int=8 # operators to list
+                   ) -> list:
+    "The `top` operators by self time in one call of `fn`: `[{op, seconds, share}]` (device time on a GPU)."
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities) as prof: fn(); _sync()
+    attr = 'self_device_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+    events = [(e.key, getattr(e, attr, 0) / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.
+    return [dict(op=k, seconds=round(t, 4), share=round(t / total, 3)) for k, t in sorted(events, key=lambda e: -e[1])[:top]]
+
+# %% ../nbs/12_bench.ipynb #d71e5829
+def dense_work(model, # our `SwinTransformer3D`
+               x # clips `[N, 3, T, H, W]`
+              ):
+    "A function of no arguments that runs only `model`'s dense operations at the shapes of `x`."
+    N = x.shape[0]
+    grid = [math.ceil(s / p) for s, p in zip(x.shape[2:], model.patch_size)]
+    steps = []
+    for layer in model.layers:
+        for block in layer.blocks:
+            window = get_window_size(tuple(grid), block.window_size)
+            n, nw = math.prod(window), math.prod(math.ceil(g / w) for g, w in zip(grid, window))
+            tokens = torch.randn(N * nw, n, block.norm1.normalized_shape[0], device=x.device)
+            steps.append((block, tokens, block.attn.relative_position_bias(n)[None].contiguous()))
+        if layer.downsample is not None:
+            grid = [grid[0], math.ceil(grid[1] / 2), math.ceil(grid[2] / 2)]
+            steps.append((layer.downsample, torch.randn(N * math.prod(grid), layer.downsample.reduction.in_features, device=x.device), None))
+    def run():
+        model.patch_embed.proj(x)
+        for module, t, bias in steps:
+            if bias is None: module.reduction(module.norm(t)); continue
+            B_, n, C = t.shape
+            q, k, v = module.attn.qkv(module.norm1(t)).view(B_, n, 3, module.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, bias.to(q.dtype), scale=module.attn.scale)
+            module.attn.proj(a.transpose(1, 2).reshape(B_, n, C))
+            module.mlp(module.norm2(t))
+    return run
+
+# %% ../nbs/12_bench.ipynb #25b3b0da
+def _size(s): return tuple(int(v) for v in s.split('x'))
+
+def _clips_per_s(fn, clips, repeats):
+    return clips / statistics.median(time_calls(fn, repeats=repeats, warmup=1))
+
+@benchmark('backbone')
+def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 1x3x32x224x224)
+                   device:str='cpu', # cpu or cuda
+                   threads:int=2, # torch CPU threads
+                   repeats:int=5, # timed rounds per comparison
+                   arch:str='swin3d_b', # a preset torchvision also has (swin3d_t, swin3d_s, swin3d_b)
+                   size:str=None, # time this one clip size TxHxW instead (e.g. 8x64x64 for a smoke test)
+                   batch:int=4, # clips per call when timing frozen feature extraction
+                   gpu_batch:int=8, # clips per call for the bf16 throughput on a GPU
+                   compile:store_true=False # also time `torch.compile`d models on the CPU (always done on a GPU)
+                  ):
+    "Forward time of our backbone vs torchvision's at equal weights; feature extraction, bf16, compile, profile."
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    tv, ours = backbone_pair(arch, device)
+    sizes = [_size(size)] if size else [(16, 112, 112)] + ([] if quick else [(32, 224, 224)])
+    out = dict(arch=arch, device=device, threads=threads, repeats=repeats, sizes={}, cpu_flags=_cpu_bf16_flags())
+    with torch.inference_mode():
+        for s in sizes:
+            x = torch.randn(1, 3, *s, device=dev)
+            diff = (ours(x) - torchvision_features(tv, x)).abs().max().item()
+            med = compare({'torchvision': lambda: torchvision_features(tv, x), 'uas': lambda: ours(x)}, repeats=repeats)
+            out['sizes']['x'.join(map(str, s))] = dict(torchvision_s=med['torchvision'], uas_s=med['uas'],
+                                                       ratio=med['torchvision'] / med['uas'], max_abs_diff=diff)
+        main_size = sizes[-1]
+        xb = torch.randn(batch, 3, *main_size, device=dev)
+        reps = max(2, repeats // 2)
+        out['extract'] = dict(batch=batch, size='x'.join(map(str, main_size)),
+                              uas_clips_s=_clips_per_s(lambda: ours.forward_pooled(xb), batch, reps),
+                              torchvision_clips_s=_clips_per_s(lambda: torchvision_features(tv, xb).mean((2, 3, 4)), batch, reps))
+        x = torch.randn(1, 3, *main_size, device=dev)
+        out['profile'] = profile_summary(lambda: ours(x))
+        if device == 'cpu':
+            x = torch.randn(1, 3, *sizes[0], device=dev)
+            reference = ours(x)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                bf16 = statistics.median(time_calls(lambda: ours(x), repeats=max(2, repeats // 2)))
+                bf16_diff = (ours(x).float() - reference).abs().max().item()
+            out['cpu_bf16'] = dict(size='x'.join(map(str, sizes[0])), uas_s=bf16, max_abs_diff_vs_fp32=bf16_diff,
+                                   speedup_vs_fp32=out['sizes']['x'.join(map(str, sizes[0]))]['uas_s'] / bf16)
+    if compile or device == 'cuda': out['compiled'] = _compiled_times(tv, ours, main_size, dev, repeats)
+    if device == 'cuda': out['gpu'] = _gpu_throughput(tv, ours, main_size, gpu_batch, dev, repeats)
+    _print_backbone(out)
+    head = out['sizes']['x'.join(map(str, main_size))]
+    return record('backbone', out, arch=arch, device=device, threads=threads, size='x'.join(map(str, main_size)),
+                  torchvision_s=head['torchvision_s'], uas_s=head['uas_s'], extract_clips_s=out['extract']['uas_clips_s'],
+                  **({'gpu_bf16_clips_s': out['gpu']['uas_eager'], 'gpu_vs_tv_eager': out['gpu']['uas_eager'] / out['gpu']['tv_eager']}
+                     if 'gpu' in out else {}),
+                  ratio=head['ratio'])
+
+# %% ../nbs/12_bench.ipynb #24777ef6
+def _cpu_bf16_flags():
+    try: flags = Path('/proc/cpuinfo').read_text().split('flags')[1].split('\n')[0].split()
+    except (OSError, IndexError): return []
+    return [f for f in ('avx512_bf16', 'amx_bf16', 'avx512f', 'avx2') if f in flags]
+
+def _compiled_times(tv, ours, size, dev, repeats):
+    "Median seconds of one forward pass of both models under `torch.compile` (compile time excluded, reported apart)."
+    x = torch.randn(1, 3, *size, device=dev)
+    res = {}
+    for name, fn in (('torchvision', lambda: torchvision_features(tv, x)), ('uas', lambda: ours(x))):
+        compiled = torch.compile(fn)
+        try:
+            with torch.inference_mode():
+                start = time.perf_counter(); compiled(); _sync()
+                res[f'{name}_compile_s'] = time.perf_counter() - start
+                res[f'{name}_s'] = statistics.median(time_calls(compiled, repeats=repeats, warmup=1))
+        except Exception as e: res[f'{name}_error'] = f'{type(e).__name__}: {e}'[:300]
+    return res
+
+def _gpu_throughput(tv, ours, size, batch, dev, repeats):
+    "bf16 clips/s at `batch`: ours and torchvision, eager and compiled, and the dense-work ceiling."
+    x = torch.randn(batch, 3, *size, device=dev)
+    fns = {'tv_eager': lambda: torchvision_features(tv, x), 'uas_eager': lambda: ours(x)}
+    res = {'batch': batch, 'size': 'x'.join(map(str, size)), 'gpu': torch.cuda.get_device_name(dev)}
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+        ceiling = dense_work(ours, x)
+        fns.update(tv_compiled=torch.compile(fns['tv_eager']), uas_compiled=torch.compile(fns['uas_eager']),
+                   dense_ceiling=ceiling, dense_ceiling_compiled=torch.compile(ceiling))
+        for k, fn in fns.items():
+            try: res[k] = _clips_per_s(fn, batch, repeats)
+            except Exception as e: res[k] = None; res[f'{k}_error'] = f'{type(e).__name__}: {e}'[:300]
+        res['uas_share_of_ceiling'] = res['uas_eager'] / res['dense_ceiling'] if res.get('dense_ceiling') else None
+    return res
+
+def _print_backbone(out):
+    print(f"{out['arch']} on {out['device']}, {out['threads']} threads, medians of {out['repeats']} alternating rounds")
+    print(f"{'clip':>14} {'torchvision s':>14} {'uas s':>10} {'ratio':>7} {'max |diff|':>11}")
+    for s, r in out['sizes'].items():
+        print(f"{'1x3x' + s:>14} {r['torchvision_s']:>14.3f} {r['uas_s']:>10.3f} {r['ratio']:>7.2f} {r['max_abs_diff']:>11.2e}")
+    e = out['extract']
+    print(f"frozen feature extraction, batch {e['batch']} x {e['size']}: uas {e['uas_clips_s']:.3f} clips/s, torchvision {e['torchvision_clips_s']:.3f} clips/s")
+    if 'cpu_bf16' in out:
+        b = out['cpu_bf16']
+        print(f"cpu bf16 autocast at {b['size']}: {b['uas_s']:.3f} s ({b['speedup_vs_fp32']:.2f}x fp32; cpu flags {out['cpu_flags']}), max |diff| {b['max_abs_diff_vs_fp32']:.2e}")
+    if 'compiled' in out: print('torch.compile:', {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out['compiled'].items()})
+    if 'gpu' in out: print('gpu bf16 clips/s:', {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out['gpu'].items()})
+    print('where our time goes:', ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile']))
 
 # %% ../nbs/12_bench.ipynb #d216e856
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
