@@ -7,9 +7,7 @@ __all__ = ['MODES', 'KINETICS_CLASS_COUNTS', 'UASHead', 'KineticsHead', 'Recogni
            'count_parameters', 'build_recognizer', 'parameter_table', 'save_trainable', 'load_trainable']
 
 # %% ../nbs/05_model.ipynb #2c064ea1
-from collections.abc import Iterable
 from pathlib import Path
-import re
 
 import pandas as pd
 import torch
