@@ -321,6 +321,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
             med = compare({'torchvision': lambda: torchvision_features(tv, x), 'uas': lambda: ours(x)}, repeats=repeats)
             out['sizes']['x'.join(map(str, s))] = dict(torchvision_s=med['torchvision'], uas_s=med['uas'],
                                                        ratio=med['torchvision'] / med['uas'], max_abs_diff=diff)
+            print(f'  1x3x{"x".join(map(str, s))}:', out['sizes']['x'.join(map(str, s))], flush=True)
         main_size = sizes[-1]
         xb = torch.randn(batch, 3, *main_size, device=dev)
         reps = max(2, repeats // 2)
@@ -379,6 +380,7 @@ def _gpu_throughput(tv, ours, size, batch, dev, repeats):
         for k, fn in fns.items():
             try: res[k] = _clips_per_s(fn, batch, repeats)
             except Exception as e: res[k] = None; res[f'{k}_error'] = f'{type(e).__name__}: {e}'[:300]
+            print(f'  {k}: {res[k]} clips/s', flush=True)
         res['uas_share_of_ceiling'] = res['uas_eager'] / res['dense_ceiling'] if res.get('dense_ceiling') else None
     return res
 
