@@ -9,7 +9,7 @@ __all__ = ['get_window_size', 'window_partition', 'window_reverse', 'compute_mas
            'swin3d_mini', 'convert_torchvision_state_dict']
 
 # %% ../nbs/02_backbone.ipynb #22f7f9a3
-import math
+import itertools, math
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -75,34 +75,47 @@ def compute_mask(size:tuple, # the padded grid `(D, H, W)`
 
 # %% ../nbs/02_backbone.ipynb #bc74926f
 class WindowPlan(NamedTuple):
-    "Everything about a block's windows that depends only on the input's grid (cached by `window_plan`)."
+    "Everything about a block's windows that depends only on the input's shape (cached by `window_plan`)."
     window: tuple # clamped window
     shift: tuple # clamped shift
     pad: tuple # zeros added at the end of D, H, W
     padded: tuple # padded grid
-    gather: torch.Tensor # `[nW*N]`: padded-grid position of each window slot (roll included)
-    scatter: torch.Tensor # `[D*H*W]`: window slot of each token of the unpadded grid
-    mask: torch.Tensor # shift mask `[nW, N, N]`, or None without shift
+    gather: torch.Tensor # `[B*nW*N]`: position in the flattened padded tokens `[B*Dp*Hp*Wp]` of each window slot (roll included)
+    scatter: torch.Tensor # `[B*D*H*W]`: window slot of each token of the unpadded tokens
+    order: torch.Tensor # `[B*nW]`: index of each gathered window in `window_partition`'s order (clip-major)
+    mask: torch.Tensor # distinct shift masks `[P, N, N]`, or None without shift
+    groups: tuple # number of consecutive gathered windows that use each mask
 
 @lru_cache(maxsize=128)
 def window_plan(size:tuple, # token grid `(D, H, W)`
                 window_size:tuple, # configured window
                 shift_size:tuple, # configured shift
-                device:torch.device=torch.device('cpu')
+                device:torch.device=torch.device('cpu'),
+                clips:int=1 # clips in the batch
                ) -> WindowPlan:
-    "Clamp, padding, roll + partition as one gather, its inverse, and the mask; cached per grid and device."
+    "Clamp, padding, roll + partition as one gather (windows grouped by mask), its inverse, the masks; cached per shape and device."
     window, shift = get_window_size(size, window_size, shift_size)
     pad = tuple((-s) % w for s, w in zip(size, window))
     padded = tuple(s + p for s, p in zip(size, pad))
+    n, L = math.prod(window), math.prod(padded)
     with torch.inference_mode(False), torch.no_grad():
-        grid = torch.arange(math.prod(padded)).view(1, *padded, 1)
+        grid = torch.arange(L).view(1, *padded, 1)
         if any(shift): grid = torch.roll(grid, [-s for s in shift], dims=(1, 2, 3))
-        gather = window_partition(grid, window).flatten()
+        positions = window_partition(grid, window)[..., 0]  # [nW, N]
+        nW = len(positions)
+        mask, groups, group = None, (clips * nW,), torch.zeros(nW, dtype=torch.long)
+        if any(shift):
+            mask, group = compute_mask(padded, window, shift).flatten(1).unique(dim=0, return_inverse=True)
+            mask, groups = mask.view(-1, n, n), tuple(clips * c for c in torch.bincount(group).tolist())
+        windows = torch.arange(clips * nW).view(clips, nW)
+        order = torch.cat([windows[:, group == g].flatten() for g in range(len(groups))])
+        gather = ((order // nW) * L)[:, None] + positions[order % nW]
+        gather = gather.flatten()
         scatter = torch.empty_like(gather)
         scatter[gather] = torch.arange(len(gather))
-        scatter = scatter.view(padded)[:size[0], :size[1], :size[2]].flatten()
-    mask = compute_mask(padded, window, shift, device) if any(shift) else None
-    return WindowPlan(window, shift, pad, padded, gather.to(device), scatter.to(device), mask)
+        scatter = scatter.view(clips, *padded)[:, :size[0], :size[1], :size[2]].flatten()
+    return WindowPlan(window, shift, pad, padded, gather.to(device), scatter.to(device), order.to(device),
+                      None if mask is None else mask.to(device), groups)
 
 # %% ../nbs/02_backbone.ipynb #371a52e1
 @lru_cache(maxsize=16)
@@ -125,10 +138,18 @@ def window_attention(q:torch.Tensor, # queries `[B*nW, heads, N, d]`
                      mask:torch.Tensor=None, # shift mask `[nW, N, N]`, or None
                      scale:float=None, # score scale; default `d ** -0.5`
                      dropout:float=0., # attention dropout probability
-                     fast:bool=True # fused `scaled_dot_product_attention` (True) or the reference math (False)
+                     fast:bool=True, # fused `scaled_dot_product_attention` (True) or the reference math (False)
+                     groups:tuple=None # with `mask` `[P, N, N]`: the windows come in `P` runs of these lengths, one mask each
                     ) -> torch.Tensor: # `[B*nW, heads, N, d]`
     "Multi-head attention within windows, with the relative position bias and the optional shift mask."
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if groups is not None and mask is not None:
+        if not fast:
+            mask = mask.repeat_interleave(torch.tensor(groups, device=mask.device), dim=0)
+            return window_attention(q, k, v, bias, mask.repeat(q.shape[0] // len(mask), 1, 1), scale, dropout, False)
+        attn_mask, ends = (mask[:, None] + bias).to(q.dtype), [0, *itertools.accumulate(groups)]
+        return torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], m[None], dropout, scale=scale).transpose(1, 2)
+                          for a, b, m in zip(ends[:-1], ends[1:], attn_mask) if b > a]).transpose(1, 2)
     if fast:
         if mask is None: return F.scaled_dot_product_attention(q, k, v, bias[None].to(q.dtype), dropout, scale=scale)
         nW = mask.shape[0]
@@ -187,12 +208,13 @@ class WindowAttention3D(nn.Module):
         return cached[1]
 
     def forward(self, x:torch.Tensor, # windows `[B*nW, N, C]`
-                mask:torch.Tensor=None # shift mask `[nW, N, N]` or None
+                mask:torch.Tensor=None, # shift mask `[nW, N, N]` or None; `[P, N, N]` with `groups`
+                groups:tuple=None # run lengths of windows sharing each mask (see `window_plan`)
                ) -> torch.Tensor: # `[B*nW, N, C]`
         B_, N, C = x.shape
         q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         x = window_attention(q, k, v, self.relative_position_bias(N), mask, self.scale,
-                             self.attn_drop.p if self.training else 0., self.fast)
+                             self.attn_drop.p if self.training else 0., self.fast, groups)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
 
 # %% ../nbs/02_backbone.ipynb #48e50094
@@ -225,12 +247,12 @@ class SwinTransformerBlock3D(nn.Module):
         "norm1, pad, roll, partition, window attention, reverse, roll back, crop (the fast path: one gather each way)."
         if not self.attn.fast: return self.attention_branch_reference(x)
         B, D, H, W, C = x.shape
-        plan = window_plan((D, H, W), self.window_size, self.shift_size, x.device)
+        plan = window_plan((D, H, W), self.window_size, self.shift_size, x.device, B)
         x = self.norm1(x)
         if any(plan.pad): x = F.pad(x, (0, 0, 0, plan.pad[2], 0, plan.pad[1], 0, plan.pad[0]))
-        windows = x.reshape(B, -1, C).index_select(1, plan.gather).view(-1, math.prod(plan.window), C)
-        windows = self.attn(windows, plan.mask)
-        return windows.view(B, -1, C).index_select(1, plan.scatter).view(B, D, H, W, C)
+        windows = x.reshape(-1, C).index_select(0, plan.gather).view(-1, math.prod(plan.window), C)
+        windows = self.attn(windows, plan.mask, plan.groups)
+        return windows.view(-1, C).index_select(0, plan.scatter).view(B, D, H, W, C)
 
     def attention_branch_reference(self, x:torch.Tensor # tokens `[B, D, H, W, C]`
                                   ) -> torch.Tensor:
