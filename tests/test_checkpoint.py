@@ -228,6 +228,15 @@ def test_other_numpy_globals_stay_refused(tmp_path):
     assert (read_checkpoint(tmp_path/'array.pth', trust=True)['meta']['array'] == np.arange(3)).all()
 
 
+def test_a_wrapper_that_contains_itself_is_an_error_not_a_hang(tmp_path):
+    "A pickle can build a dict that holds itself; unwrapping it must stop with an error naming the file."
+    looped = {'epoch': 1}
+    looped['model'] = looped
+    torch.save(looped, tmp_path/'looped.pth')
+    with pytest.raises(CheckpointError, match="looped.pth: its 'model' wrapper contains itself"):
+        load_backbone(swin3d_mini(), tmp_path/'looped.pth')
+
+
 # --- registry, cache and Kinetics names ---
 
 def test_kinetics_classes_in_head_order_and_k700_diff(cache, monkeypatch):
@@ -307,6 +316,16 @@ def test_registry_names_download_through_the_release_base(cache, tmp_path, monke
     report = load_backbone(model, 'k400', progress=False)
     assert report.source == str(cache/'swin_base_patch244_window877_kinetics400_22k.pth')
     assert torch.equal(model.norm.weight, source.norm.weight)
+
+
+def test_an_escaped_slash_in_a_url_cannot_leave_the_cache(cache, tmp_path):
+    "`..%2Fname` decodes to `../name`: the cached file is still named `name`, inside the cache."
+    (tmp_path/'files'/'sub').mkdir(parents=True)
+    (tmp_path/'files'/'labels.txt').write_text('x\n')
+    path = download((tmp_path/'files'/'sub').as_uri() + '/..%2Flabels.txt', progress=False)
+    assert path == cache/'labels.txt' and path.read_text() == 'x\n'
+    assert not (tmp_path/'labels.txt').exists()
+    with pytest.raises(CheckpointError, match='names no file'): download((tmp_path/'files').as_uri() + '/sub/..', progress=False)
 
 
 def test_registry_urls_and_unknown_names(monkeypatch):

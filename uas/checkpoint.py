@@ -93,10 +93,12 @@ def unwrap_checkpoint(ckpt:dict, # what `read_checkpoint` returned
                       name:str='checkpoint' # the source, for error messages
                      ) -> tuple: # `(state_dict, skipped)`: the tensors by name, and the names of everything else
     "The state dict inside a checkpoint's `state_dict`/`model`/`module` wrappers, and the names of what else it held."
-    skipped = []
+    skipped, seen = [], set()
     while isinstance(ckpt, dict):
         wrapper = next((k for k in WRAPPERS if isinstance(ckpt.get(k), dict)), None)
         if wrapper is None: break
+        if id(ckpt) in seen: raise CheckpointError(f'{name}: its {wrapper!r} wrapper contains itself, so it holds no state dict')
+        seen.add(id(ckpt))
         skipped += [k for k in ckpt if k != wrapper]
         ckpt = ckpt[wrapper]
     if not isinstance(ckpt, dict): raise CheckpointError(f'{name}: holds a {type(ckpt).__name__}, not a state dict')
@@ -303,8 +305,8 @@ def download(name_or_url:str, # a registry name (`'k400'`, `'chimpbehave_train'`
     if name_or_url in DOWNLOADS: url, sha256 = registry_url(name_or_url), sha256 or DOWNLOADS[name_or_url].sha256
     elif '://' in name_or_url: url = name_or_url
     else: raise CheckpointError(f'{name_or_url!r} is neither a URL nor a registry name ({", ".join(DOWNLOADS)})')
-    filename = unquote(Path(urlparse(url).path).name)
-    if not filename: raise CheckpointError(f'{url}: the URL names no file')
+    filename = Path(unquote(urlparse(url).path)).name
+    if filename in ('', '.', '..'): raise CheckpointError(f'{url}: the URL names no file')
     dst = Path(cache or cache_dir())/filename
     return dst if dst.is_file() else fetch_url(url, dst, sha256, progress)
 
