@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uas.synthetic import (CHIMPBEHAVE_TRAIN_COUNTS, DEFAULT_SPLITS, GENERATOR_VERSION, SOURCE_ACTIONS, TARGET_BEHAVIOURS,
-                           make_synthetic, split_counts)
+                           make_synthetic, render_target, split_counts)
 from uas.video import open_video
 
 TINY = dict(size=(32, 32), num_frames=8)
@@ -114,6 +114,16 @@ def test_a_set_that_exists_is_reused_and_a_changed_one_rewritten(tmp_path):
 def test_bad_arguments_say_what_is_wrong(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
         make_synthetic(tmp_path, **{'splits': dict(train=1), 'min_per_class': 1, **TINY, **kw})
+
+
+@pytest.mark.parametrize('pair', [('climbing_up', 'climbing_down'), ('walking', 'running')])
+@pytest.mark.parametrize('difficulty', ['default', 'hard'])
+def test_look_alike_pairs_differ_only_in_motion(pair, difficulty):
+    "From the same generator the two behaviours draw the same animal, scene and noise: the middle frame is identical, the clips are not."
+    for seed in range(2):
+        a, b = (render_target(name, np.random.default_rng(seed), difficulty=difficulty) for name in pair)
+        np.testing.assert_array_equal(a[16], b[16])
+        assert not np.array_equal(a, b)
 
 
 @pytest.mark.slow
