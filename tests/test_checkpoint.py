@@ -222,6 +222,16 @@ def test_pickle_that_creates_a_file_is_refused_and_never_runs(tmp_path):
     assert target.exists() and report.skipped == ['meta'] and report.loaded
 
 
+def test_legacy_format_pickle_is_refused_naming_the_global(tmp_path):
+    "The pre-zip format has no archive to scan: the refused global is named from torch's own message."
+    target = tmp_path/'pwned.txt'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': {'hook': CreatesFile(target)}}, tmp_path/'old_evil.pth',
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r'old_evil.pth: refused to unpickle io.open: .*trust=True'):
+        read_checkpoint(tmp_path/'old_evil.pth')
+    assert not target.exists()
+
+
 def test_other_numpy_globals_stay_refused(tmp_path):
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'meta': {'array': np.arange(3)}}, tmp_path/'array.pth')
     with pytest.raises(CheckpointError, match='refused to unpickle .*numpy'): read_checkpoint(tmp_path/'array.pth')
