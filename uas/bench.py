@@ -330,6 +330,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
                               torchvision_clips_s=_clips_per_s(lambda: torchvision_features(tv, xb).mean((2, 3, 4)), batch, reps))
         x = torch.randn(1, 3, *main_size, device=dev)
         out['profile'] = profile_summary(lambda: ours(x))
+        out['profile_torchvision'] = profile_summary(lambda: torchvision_features(tv, x))
         if device == 'cpu':
             x = torch.randn(1, 3, *sizes[0], device=dev)
             reference = ours(x)
@@ -397,6 +398,7 @@ def _print_backbone(out):
     if 'compiled' in out: print('torch.compile:', {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out['compiled'].items()})
     if 'gpu' in out: print('gpu bf16 clips/s:', {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out['gpu'].items()})
     print('where our time goes:', ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile']))
+    print("where torchvision's goes:", ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile_torchvision']))
 
 # %% ../nbs/12_bench.ipynb #d216e856
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
