@@ -260,8 +260,8 @@ class Download(NamedTuple):
     "One entry of the registry: a file under the release prefix or in the label-map folder."
     folder: str # 'releases' (`UAS_DOWNLOAD_BASE`) or 'label_maps' (`UAS_LABELMAP_BASE`)
     path: str # relative to that folder
-    description: str
-    sha256: str|None = None
+    description: str # what the file is, for the registry table
+    sha256: str|None = None # the file's SHA-256 where known, checked on download
 
 _swin = 'Pre-train/swin_base_patch244_window877_kinetics{}_22k.pth'
 DOWNLOADS = {
