@@ -10,7 +10,7 @@ __all__ = ['BACKENDS', 'MEAN', 'STD', 'STAGES', 'DATASET_PIPELINES', 'VideoReadE
            'val_pipeline', 'testing_pipeline', 'pipeline_names', 'get_pipeline']
 
 # %% ../nbs/00_video.ipynb #c002
-import bisect, math, tempfile
+import bisect, math, tempfile, traceback
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,7 @@ class PyAVReader(VideoReader):
                 ):
         self.path = str(path)
         self._av = _import_backend('av', path)
-        self._container = None
+        self._container = self._stream = None
         try:
             self._open()
             stamps, keys = [], []
@@ -108,6 +108,7 @@ class PyAVReader(VideoReader):
             self.fps = float(rate) if rate else float('nan')
         except VideoReadError: raise
         except Exception as e: raise VideoReadError(path, _reason(e)) from e
+        finally: self.close()
         if not stamps: raise VideoReadError(path, 'the file holds no video frames')
         if not (self.height and self.width): raise VideoReadError(path, 'the video stream has no frame size')
         self._len = len(stamps)
@@ -119,21 +120,23 @@ class PyAVReader(VideoReader):
         else: self._keyframes = [0]
 
     def _open(self):
-        if self._container is not None: self._container.close()
+        "Open the file afresh, positioned at its start, with a one-thread decoder."
+        self.close()
         self._container = self._av.open(self.path)
         if not self._container.streams.video: raise VideoReadError(self.path, 'the file has no video stream')
         self._stream = self._container.streams.video[0]
-        self._stream.thread_type = 'AUTO'
+        self._stream.codec_context.thread_count = 1
 
     def close(self):
         if self._container is not None: self._container.close()
-        self._container = None
+        self._container = self._stream = None
 
     def _keyframe_before(self, index): return self._keyframes[bisect.bisect_right(self._keyframes, index) - 1]
 
-    def _run(self, key):
-        "Decode from keyframe `key` on, yielding `(index, frame)` in presentation order."
-        if key == 0: self._open()
+    def _run(self, key, fresh):
+        "Decode from keyframe `key` on (`fresh`: the file was just opened), yielding `(index, frame)` in presentation order."
+        if key == 0:
+            if not fresh: self._open()
         else: self._container.seek(self._stamps[key], stream=self._stream, backward=True, any_frame=False)
         for count, frame in enumerate(self._container.decode(self._stream)):
             index = count if self._index is None else self._index.get(frame.pts)
@@ -143,18 +146,23 @@ class PyAVReader(VideoReader):
         "Frames at the sorted distinct indices `wanted`, seeking only where it saves decoding."
         frames, missing, j = {}, [], 0
         try:
+            self._open()
+            fresh = True
             while j < len(wanted):
-                for index, frame in self._run(self._keyframe_before(wanted[j])):
+                for index, frame in self._run(self._keyframe_before(wanted[j]), fresh):
                     if index < wanted[j]: continue
                     if index == wanted[j]: frames[index] = frame.to_ndarray(format='rgb24')
                     while j < len(wanted) and wanted[j] <= index:
                         if wanted[j] not in frames: missing.append(wanted[j])
                         j += 1
-                    if j == len(wanted) or self._keyframe_before(wanted[j]) > index: break
+                    if j == len(wanted) or self._keyframe_before(wanted[j]) > index + 1: break
                 else:
                     missing += wanted[j:]
                     j = len(wanted)
+                fresh = False
+        except VideoReadError: raise
         except Exception as e: raise VideoReadError(self.path, f'decoding failed: {_reason(e)}') from e
+        finally: self.close()
         if missing: raise VideoReadError(self.path, f'{len(missing)} frame(s) could not be decoded, first {missing[:5]}')
         return np.stack([frames[i] for i in wanted])
 
@@ -167,26 +175,33 @@ class DecordReader(VideoReader):
                  fallback:bool=False, # hand the file to PyAV when decord fails to decode it
                  num_threads:int=0 # decord's decoding threads (0: its default)
                 ):
-        self.path, self.fallback, self._pyav, self._size = str(path), fallback, None, None
+        self.path, self.fallback, self._pyav, self._size, self._vr = str(path), fallback, None, None, None
         decord = _import_backend('decord', path)
         try:
             self._vr = decord.VideoReader(self.path, num_threads=num_threads)
             self._len, self.fps = len(self._vr), float(self._vr.get_avg_fps())
-        except Exception as e: raise VideoReadError(path, f'decord: {_reason(e)}') from e
+        except Exception as e: raise VideoReadError(path, f'decord: {self._drop_decord(e)}') from e
         if not self._len: raise VideoReadError(path, 'the file holds no video frames')
+
+    def _drop_decord(self, e) -> str:
+        "Release decord's reader after error `e` (see below); returns the reason."
+        traceback.clear_frames(e.__traceback__)
+        self._vr, self._failure = None, _reason(e)
+        return self._failure
 
     def _backup(self, e):
         "Switch to PyAV after decord failed with `e`, or raise."
-        if not self.fallback: raise VideoReadError(self.path, f'decord: {_reason(e)}') from e
-        if self._pyav is None:
-            self._pyav = PyAVReader(self.path)
-            if len(self._pyav) != self._len:
-                raise VideoReadError(self.path, f'decord failed ({_reason(e)}) and PyAV counts {len(self._pyav)} frames, not {self._len}') from e
-            self.backend = 'decord->pyav'
+        reason = self._drop_decord(e)
+        if not self.fallback: raise VideoReadError(self.path, f'decord: {reason}') from e
+        self._pyav = PyAVReader(self.path)
+        if len(self._pyav) != self._len:
+            raise VideoReadError(self.path, f'decord failed ({reason}) and PyAV counts {len(self._pyav)} frames, not {self._len}') from e
+        self.backend = 'decord->pyav'
         return self._pyav
 
     def _decode(self, wanted):
         if self._pyav is not None: return self._pyav._decode(wanted)
+        if self._vr is None: raise VideoReadError(self.path, f'decord failed on this file before: {self._failure}')
         try: return self._vr.get_batch(wanted).asnumpy()
         except Exception as e: return self._backup(e)._decode(wanted)
 
