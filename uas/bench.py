@@ -183,7 +183,7 @@ def _probe_data(root, clip_len, size, clips, quick):
     if clips: data = torch.utils.data.Subset(data, range(min(clips, len(data))))
     return summary, data
 
-# %% ../nbs/12_bench.ipynb #10b8d3ba
+# %% ../nbs/12_bench.ipynb #2cca45e8
 @benchmark('probe')
 def bench_probe(epochs:int=30, # epochs of head training, online and cached
                 arch:str='swin3d_mini', # backbone preset (random weights)
@@ -205,24 +205,25 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
         def recognizer():
             seed_everything(0)
             return build_recognizer(arch, len(summary['classes']), mode='uas')
-        online_model, start = recognizer(), time.perf_counter()
+        online_model, start, cpu = recognizer(), time.perf_counter(), time.process_time()
         online = train_head_online(online_model, data, epochs, device='cpu', progress=False)
-        online_s, start = time.perf_counter() - start, time.perf_counter()
-        cached_model = recognizer()
+        online_s, online_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+        cached_model, start, cpu = recognizer(), time.perf_counter(), time.process_time()
         cache = extract_features(cached_model.backbone, data, Path(tmp)/'cache', arch=arch, device='cpu', progress=False)
         extract_s = time.perf_counter() - start
         cached = train_head_cached(cached_model, cache, epochs, device='cpu', progress=False)
-        cached_s = time.perf_counter() - start
+        cached_s, cached_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     results = dict(dataset=f"synthetic target v{summary['generator_version']}, train split", clips=len(data),
                    classes=len(summary['classes']), arch=arch, clip=f'{clip_len}x{size}x{size}', epochs=epochs,
                    views_per_clip=1, cache_dtype='float16', online_s=online_s, cached_s=cached_s, extract_s=extract_s,
-                   head_s=cached_s - extract_s, ratio=online_s / cached_s,
+                   head_s=cached_s - extract_s, ratio=online_s / cached_s, online_cpu_s=online_cpu_s,
+                   cached_cpu_s=cached_cpu_s, cpu_ratio=online_cpu_s / cached_cpu_s, threads=torch.get_num_threads(),
                    online_epoch_s=[h['seconds'] for h in online], cached_epoch_s=[h['seconds'] for h in cached],
                    online_final_loss=online[-1]['loss'], cached_final_loss=cached[-1]['loss'])
-    for k in ('dataset', 'clips', 'arch', 'clip', 'epochs', 'online_s', 'extract_s', 'head_s', 'cached_s', 'ratio'):
+    for k in ('dataset', 'clips', 'arch', 'clip', 'epochs', 'online_s', 'extract_s', 'head_s', 'cached_s', 'ratio', 'cpu_ratio'):
         print(f'{k:>10}: {results[k]:.4g}' if isinstance(results[k], float) else f'{k:>10}: {results[k]}')
     return record('probe', results, arch=arch, clip=results['clip'], clips=len(data), epochs=epochs,
-                  online_s=online_s, cached_s=cached_s, ratio=results['ratio'])
+                  online_s=online_s, cached_s=cached_s, cpu_ratio=results['cpu_ratio'], ratio=results['ratio'])
 
 # %% ../nbs/12_bench.ipynb #327691fc
 import math
@@ -253,12 +254,14 @@ def torchvision_features(tv, # a torchvision `SwinTransformer3d`
 
 # %% ../nbs/12_bench.ipynb #5ad62b09
 def profile_summary(fn, # a function of no arguments
-                    top:int=8 # operators to list
+                    top:int=8, # operators to list
+                    device:str='cpu' # where `fn` runs: cpu (CPU self time) or cuda (GPU kernel time)
                    ) -> list:
-    "The `top` operators by self time in one call of `fn`: `[{op, seconds, share}]` (device time on a GPU)."
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    "The `top` operators by self time in one call of `fn`: `[{op, seconds, share}]`."
+    cuda = device.startswith('cuda')
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof: fn(); _sync()
-    attr = 'self_device_time_total' if torch.cuda.is_available() else 'self_cpu_time_total'
+    attr = 'self_device_time_total' if cuda else 'self_cpu_time_total'
     events = [(e.key, getattr(e, attr, 0) / 1e6) for e in prof.key_averages()]
     total = sum(t for _, t in events) or 1.
     return [dict(op=k, seconds=round(t, 4), share=round(t / total, 3)) for k, t in sorted(events, key=lambda e: -e[1])[:top]]
@@ -281,14 +284,14 @@ def dense_work(model, # our `SwinTransformer3D`
             grid = [grid[0], math.ceil(grid[1] / 2), math.ceil(grid[2] / 2)]
             steps.append((layer.downsample, torch.randn(N * math.prod(grid), layer.downsample.reduction.in_features, device=x.device), None))
     def run():
-        model.patch_embed.proj(x)
+        outs = [model.patch_embed.proj(x)]  # returned, so that a compiler cannot drop the work
         for module, t, bias in steps:
-            if bias is None: module.reduction(module.norm(t)); continue
+            if bias is None: outs.append(module.reduction(module.norm(t))); continue
             B_, n, C = t.shape
             q, k, v = module.attn.qkv(module.norm1(t)).view(B_, n, 3, module.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, bias.to(q.dtype), scale=module.attn.scale)
-            module.attn.proj(a.transpose(1, 2).reshape(B_, n, C))
-            module.mlp(module.norm2(t))
+            outs += [module.attn.proj(a.transpose(1, 2).reshape(B_, n, C)), module.mlp(module.norm2(t))]
+        return outs
     return run
 
 # %% ../nbs/12_bench.ipynb #25b3b0da
@@ -329,8 +332,8 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
                               uas_clips_s=_clips_per_s(lambda: ours.forward_pooled(xb), batch, reps),
                               torchvision_clips_s=_clips_per_s(lambda: torchvision_features(tv, xb).mean((2, 3, 4)), batch, reps))
         x = torch.randn(1, 3, *main_size, device=dev)
-        out['profile'] = profile_summary(lambda: ours(x))
-        out['profile_torchvision'] = profile_summary(lambda: torchvision_features(tv, x))
+        out['profile'] = profile_summary(lambda: ours(x), device=device)
+        out['profile_torchvision'] = profile_summary(lambda: torchvision_features(tv, x), device=device)
         if device == 'cpu':
             x = torch.randn(1, 3, *sizes[0], device=dev)
             reference = ours(x)
