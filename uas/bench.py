@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['BENCHMARKS', 'benchmark', 'results_dir', 'machine_info', 'record', 'time_calls', 'compare', 'library_versions',
            'devices', 'video_backends', 'bench_env', 'bench_synthetic', 'bench_probe', 'backbone_pair',
-           'torchvision_features', 'profile_summary', 'dense_work', 'bench_backbone', 'main']
+           'torchvision_features', 'profile_summary', 'dense_work', 'bench_backbone', 'bench_scene', 'bench_video',
+           'bench_pipeline', 'main']
 
 # %% ../nbs/12_bench.ipynb #3945ef37
 import importlib, json, os, platform, statistics, sys, tempfile, time
@@ -402,6 +403,110 @@ def _print_backbone(out):
     if 'gpu' in out: print('gpu bf16 clips/s:', {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out['gpu'].items()})
     print('where our time goes:', ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile']))
     print("where torchvision's goes:", ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile_torchvision']))
+
+# %% ../nbs/12_bench.ipynb #935d5ee2
+from .video import get_pipeline, open_video, sample_frames, write_video
+
+def _wh(s): # '320x240' -> (width, height)
+    w, h = (int(v) for v in s.split('x'))
+    return w, h
+
+def bench_scene(frames:int, # frames
+                width:int, # frame width
+                height:int, # frame height
+                seed:int=0 # noise seed
+               ) -> np.ndarray:
+    "A moving scene `[T, H, W, 3]`: a drifting colour gradient, a moving square, mild noise."
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((frames, height, width, 3), np.uint8)
+    side = max(4, min(width, height) // 4)
+    for t in range(frames):
+        img = np.stack([(x + 3 * t) % 256, (y + 2 * t) % 256, (x + y) / 2 % 256], axis=-1)
+        left, top = (5 * t) % max(1, width - side), (3 * t) % max(1, height - side)
+        img[top:top + side, left:left + side] = (240, 40, 40)
+        out[t] = np.clip(img + rng.normal(0, 6, img.shape), 0, 255)
+    return out
+
+def _mmaction_decode(path, indices):
+    "The reference's DecordInit + DecordDecode (0.x): a decord reader, then `vr[i]` for each distinct frame."
+    import decord
+    vr = decord.VideoReader(str(path))
+    frames = {i: vr[i].asnumpy() for i in np.unique(indices)}
+    return np.stack([frames[i] for i in indices])
+
+# %% ../nbs/12_bench.ipynb #3efc470e
+@benchmark('video')
+def bench_video(quick:store_true=False, # seconds, for tests: one 16-frame 64x48 clip, one timed round
+                sizes:str='320x240,1280x720', # clip sizes, WIDTHxHEIGHT, comma-separated
+                frames:int=64, # frames per clip
+                repeats:int=5 # timed rounds per comparison
+               ):
+    "Clips per second decoded by open_video (decord, PyAV) and by the reference's decord calls: all frames and a 32x2 clip."
+    sizes, frames, repeats = (['64x48'], 16, 1) if quick else (sizes.split(','), frames, repeats)
+    clip_len = frames // 2
+    modes = {'all': np.arange(frames), f'clip{clip_len}': sample_frames(frames, clip_len, 2, test_mode=True).ravel()}
+    readers = {'decord': lambda p, i: open_video(p, 'decord').get_frames(i),
+               'pyav': lambda p, i: open_video(p, 'pyav').get_frames(i), 'mmaction': _mmaction_decode}
+    out = dict(frames=frames, repeats=repeats, load_before=os.getloadavg()[0], sizes={})
+    headline = {}
+    with tempfile.TemporaryDirectory() as d:
+        for size in sizes:
+            path = write_video(Path(d)/f'{size}.mp4', bench_scene(frames, *_wh(size)))
+            out['sizes'][size] = res = dict(file_bytes=path.stat().st_size)
+            for mode, idx in modes.items():
+                first = {b: f(path, idx) for b, f in readers.items()}
+                agree = all((v == first['decord']).all() for v in first.values())
+                med = compare({b: (lambda f=f: f(path, idx)) for b, f in readers.items()}, repeats=repeats)
+                res[mode] = dict(frames_decoded=len(np.unique(idx)), same_frames=bool(agree),
+                                 **{b: dict(seconds=s, clips_per_s=1 / s, frames_per_s=len(idx) / s) for b, s in med.items()})
+                print(f"{size:>10} {mode:>7}: " + '  '.join(f'{b} {1 / s:6.1f} clips/s' for b, s in med.items())
+                      + ('' if agree else '  (BACKENDS DISAGREE)'), flush=True)
+                for b, s in med.items(): headline[f'{b}_{size}_{mode}'] = 1 / s
+    out['load_after'] = os.getloadavg()[0]
+    lead = f"decord_{sizes[0]}_clip{clip_len}"
+    return record('video', out, clips_per_s=headline[lead], **headline, load=out['load_before'])
+
+# %% ../nbs/12_bench.ipynb #993d9ce4
+@benchmark('pipeline')
+def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64x48 clip, small crops, one timed round
+                   sizes:str='320x240,1280x720', # clip sizes, WIDTHxHEIGHT, comma-separated
+                   frames:int=64, # frames per clip
+                   names:str='mammalnet_train,mammalnet_test,chimpbehave_train,chimpbehave_test', # named pipelines
+                   repeats:int=3, # timed rounds
+                   threads:int=1 # torch threads
+                  ):
+    "Clips per second through the named train and test pipelines: decode, transform and both together."
+    sizes, frames, repeats = (['64x48'], 16, 1) if quick else (sizes.split(','), frames, repeats)
+    small = dict(clip_len=4, crop_size=28) if quick else {}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = dict(frames=frames, repeats=repeats, threads=threads, load_before=os.getloadavg()[0], sizes={})
+    headline = {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for size in sizes:
+                path = write_video(Path(d)/f'{size}.mp4', bench_scene(frames, *_wh(size)))
+                out['sizes'][size] = {}
+                for name in names.split(','):
+                    pipe = get_pipeline(name, **(small if name.endswith('_test') else dict(small, short_side=32)))
+                    idx = pipe.indices(frames, 0).ravel()
+                    decoded = open_video(path).get_frames(idx)
+                    def decode(): return open_video(path).get_frames(idx)
+                    def transform(): return pipe.apply(decoded, 0)
+                    def total(): return pipe(path, 0)
+                    med = {k: statistics.median(time_calls(f, repeats=repeats, warmup=1))
+                           for k, f in dict(total=total, decode=decode, transform=transform).items()}
+                    shape = tuple(total().shape)
+                    out['sizes'][size][name] = dict(shape=shape, views=pipe.views, frames_decoded=len(np.unique(idx)),
+                                                    **{f'{k}_s': v for k, v in med.items()}, clips_per_s=1 / med['total'])
+                    headline[f'{name}_{size}'] = 1 / med['total']
+                    print(f"{size:>10} {name:>18} -> {list(shape)}: {1 / med['total']:6.2f} clips/s "
+                          f"(decode {med['decode'] * 1e3:.0f} ms, transform {med['transform'] * 1e3:.0f} ms)", flush=True)
+    finally: torch.set_num_threads(old_threads)
+    out['load_after'] = os.getloadavg()[0]
+    lead = f"{names.split(',')[0]}_{sizes[0]}"
+    return record('pipeline', out, clips_per_s=headline[lead], **headline, threads=threads, load=out['load_before'])
 
 # %% ../nbs/12_bench.ipynb #d216e856
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`

@@ -478,11 +478,12 @@ def val_pipeline(clip_len=32, frame_interval=2, num_clips=1, short_side=256, cro
     steps = [Resize(short_side=short_side), CenterCrop(crop_size), Normalize(mean, std)]
     return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
 
-def testing_pipeline(clip_len=32, frame_interval=2, num_clips=4, short_side=224, crop_size=224, three_crop=True,
+def testing_pipeline(clip_len=32, frame_interval=2, num_clips=4, short_side=None, crop_size=224, three_crop=True,
                      mean=MEAN, std=STD, backend='auto', name=None) -> Pipeline:
-    "The reference's test pipeline: uniform clips, short side, three crops (or a centre crop), normalise."
+    "The reference's test pipeline: uniform clips, short side (default: the crop size), three crops (or a centre crop), normalise."
     crops = ThreeCrop(crop_size) if three_crop else CenterCrop(crop_size)
-    return Pipeline(clip_len, frame_interval, num_clips, True, [Resize(short_side=short_side), crops, Normalize(mean, std)], backend, name)
+    steps = [Resize(short_side=short_side or crop_size), crops, Normalize(mean, std)]
+    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
 
 # %% ../nbs/00_video.ipynb #c085
 STAGES = {'train': train_pipeline, 'val': val_pipeline, 'test': testing_pipeline}
