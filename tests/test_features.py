@@ -71,6 +71,8 @@ def test_other_backbone_weights_or_pipeline_raise(backbone, tmp_path):
         extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_t', progress=False)
     with pytest.raises(CacheMismatchError, match='another aug_views'):
         extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', aug_views=2, progress=False)
+    with pytest.raises(CacheMismatchError, match='another autocast'):
+        extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', amp=True, progress=False)
     with pytest.raises(CacheMismatchError, match='3 clips'):
         extract_features(backbone, Clips(3), tmp_path, pipeline='decode 8x32x32', arch='swin3d_mini', shard_size=2, progress=False)
     with pytest.raises(CacheMismatchError, match='another weights'):

@@ -56,7 +56,7 @@ def describe_dataset(dataset # any map-style dataset; a `VideoDataset`'s clip li
         text += f" {_digest(list(getattr(annotations, 'entries', annotations)))} in {getattr(dataset, 'data_prefix', '')}"
     return text
 
-# %% ../nbs/06_features.ipynb #abb776fa
+# %% ../nbs/06_features.ipynb #80cf2a70
 CACHE_FORMAT = 1
 
 class CacheMismatchError(ValueError):
@@ -70,6 +70,7 @@ def cache_identity(backbone:torch.nn.Module, # the frozen backbone
                    pooled:bool=True, # global-average-pooled `[C]` features, else the whole map `[C, T, H, W]`
                    dtype:str='float16', # dtype on disk: 'float16' or 'float32'
                    seed:int=0, # seed of the augmentation draws
+                   amp:bool=False, # the backbone ran under bfloat16 autocast
                   ) -> dict:
     "Everything a cached feature depends on, as a JSON-able dict."
     if dtype not in ('float16', 'float32'): raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
@@ -77,6 +78,7 @@ def cache_identity(backbone:torch.nn.Module, # the frozen backbone
     arch = arch or f'{type(backbone).__name__} ' + hashlib.sha256(repr(backbone).encode()).hexdigest()[:16]
     return dict(format=CACHE_FORMAT, arch=arch, weights=weights_hash(backbone), pipeline=describe_pipeline(pipeline),
                 views=getattr(pipeline, 'views', None), aug_views=aug_views, pooled=pooled, dtype=dtype, seed=seed,
+                autocast='bfloat16' if amp else None,
                 dataset=None if dataset is None else describe_dataset(dataset))
 
 def _short(v): return f'{v[:12]}...' if isinstance(v, str) and len(v) == 64 else repr(v)
@@ -175,16 +177,16 @@ class GuardedClips(torch.utils.data.Dataset):
             return dict(clip=out['clip'], label=int(out['label']), index=index, draw=draw)
         except Exception as e: return dict(index=index, draw=draw, error=f'{type(e).__name__}: {e}')
 
-# %% ../nbs/06_features.ipynb #d697b4c4
-def _forward(backbone, clips, device, pooled):
+# %% ../nbs/06_features.ipynb #ca409256
+def _forward(backbone, clips, device, pooled, amp):
     "Backbone features of `clips [N, 3, T, H, W]`, pooled over time and space to `[N, C]` unless `pooled` is False."
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         x = backbone(clips.to(device, non_blocking=True))
     x = x.float()
     return (pool(x) if pooled else x).cpu()
 
-# %% ../nbs/06_features.ipynb #440703de
-def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_workers, device, pooled, dtype, bar):
+# %% ../nbs/06_features.ipynb #861d5edb
+def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_workers, device, pooled, dtype, amp, bar):
     "Features, labels, indices and failures of the clips in `rng`."
     items = [(i, d) for i in rng for d in range(aug_views)]
     loader = DataLoader(guarded, sampler=items, batch_size=batch_size, num_workers=num_workers,
@@ -196,7 +198,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
         good = [b for b in batch if 'error' not in b]
         if good:
             views = [len(b['clip']) for b in good]
-            out = _forward(backbone, torch.cat([b['clip'] for b in good]), device, pooled).split(views)
+            out = _forward(backbone, torch.cat([b['clip'] for b in good]), device, pooled, amp).split(views)
             for b, f in zip(good, out):
                 feats[b['index'], b['draw']] = f
                 labels[b['index']] = b['label']
@@ -209,7 +211,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
                 indices=torch.tensor(kept, dtype=torch.long),
                 failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
 
-# %% ../nbs/06_features.ipynb #497d9a46
+# %% ../nbs/06_features.ipynb #66a1fca5
 def _pipeline_of(dataset):
     "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
     return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
@@ -226,13 +228,15 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                      batch_size:int=8, # clip draws per backbone call
                      num_workers:int=0, # DataLoader workers reading clips
                      device=None, # default: 'cuda' when available, else 'cpu'
+                     amp:bool=None, # bfloat16 autocast of the backbone; default: on a GPU
                      seed:int=0, # seed of the augmentation draws
                      progress:bool=True, # show a progress bar (clips, clips/s)
                     ) -> FeatureCache:
     "Extract (or finish extracting) the features of `dataset` into `cache_dir`, checked against an existing cache."
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    amp = device.type == 'cuda' if amp is None else amp
     pipeline = pipeline if pipeline is not None else _pipeline_of(dataset)
-    identity = cache_identity(backbone, pipeline, dataset, arch, aug_views, pooled, dtype, seed)
+    identity = cache_identity(backbone, pipeline, dataset, arch, aug_views, pooled, dtype, seed, amp)
     root = Path(cache_dir)
     if (root/'manifest.json').exists():
         cache = FeatureCache(root, expect=identity)
@@ -254,7 +258,7 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                   desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:
             for i in todo:
                 shard = _extract_shard(backbone, guarded, cache.shard_range(i), aug_views, batch_size, num_workers,
-                                       device, pooled, dtype, bar)
+                                       device, pooled, dtype, amp, bar)
                 _save_atomic(shard, cache.shard_path(i))
     finally: backbone.train(was_training)
     cache = FeatureCache(root)
