@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from uas.data import VideoDataset
-from uas.features import extract_features
+from uas.features import CacheMismatchError, extract_features
 from uas.model import build_recognizer
 from uas.train import evaluate_cached, evaluate_online, seed_everything, train_head_cached, train_head_online
 from uas.video import get_pipeline, write_video
@@ -113,3 +113,15 @@ def test_online_training_runs_the_frozen_backbone_as_the_paper(clips):
     assert modes and all(modes)
     assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
     assert not torch.equal(head_state(model)['fc_cls.weight'], start['fc_cls.weight'])
+
+
+def test_a_cache_trains_only_the_heads_of_its_own_frozen_backbone(clips, tmp_path):
+    data = VideoDataset(clips/'train.txt', pipeline=pipeline('val'))
+    model = probe_model()
+    cache = extract_features(model.backbone, data, tmp_path, progress=False)
+    other = build_recognizer('swin3d_mini', 3, mode='uas')        # fresh random backbone: other weights
+    with pytest.raises(CacheMismatchError, match='another backbone'): train_head_cached(other, cache, 1, **SETTINGS)
+    with pytest.raises(CacheMismatchError, match='another backbone'): evaluate_cached(other, cache)
+    full = build_recognizer('swin3d_mini', 3, mode='full')
+    full.backbone.load_state_dict(model.backbone.state_dict())
+    with pytest.raises(ValueError, match='frozen backbone'): train_head_cached(full, cache, 1, **SETTINGS)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PAPER_CUSTOM_KEYS', 'NORM_LAYERS', 'match_custom_key', 'paper_param_groups', 'describe_param_groups',
            'paper_lr_factor', 'paper_schedule', 'GradientAccumulator', 'seed_everything', 'epoch_order', 'fit_head',
-           'evaluate_online', 'train_head_online', 'evaluate_cached', 'train_head_cached']
+           'evaluate_online', 'train_head_online', 'check_cache_backbone', 'evaluate_cached', 'train_head_cached']
 
 # %% ../nbs/07_train.ipynb #c7208a26
 import math, random
@@ -140,14 +140,14 @@ def seed_everything(seed:int, # the seed for Python, numpy and torch
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
-# %% ../nbs/07_train.ipynb #87b54cc4
+# %% ../nbs/07_train.ipynb #1b374bdf
 import time, warnings
 
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .features import GuardedClips
+from .features import CacheMismatchError, GuardedClips, weights_hash
 from .metrics import average_views, evaluate
 
 # %% ../nbs/07_train.ipynb #939277b7
@@ -164,7 +164,7 @@ def _clip_logits(run, x):
     b, v = x.shape[:2]
     return run(x.flatten(0, 1)).view(b, v, -1).mean(1)
 
-# %% ../nbs/07_train.ipynb #dfe1c51c
+# %% ../nbs/07_train.ipynb #627dbe51
 def fit_head(model:torch.nn.Module, # a `Recognizer`; only its trainable parameters (the head) learn
              batches, # `batches(epoch)` -> iterable of micro-batches `(inputs [B, V, ...], labels [B])`
              run, # `run(inputs [B*V, ...])` -> logits `[B*V, K]`
@@ -185,7 +185,7 @@ def fit_head(model:torch.nn.Module, # a `Recognizer`; only its trainable paramet
     history = []
     for epoch in range(epochs):
         model.train()
-        start, total, seen = time.perf_counter(), 0., 0
+        start, total, seen, lr = time.perf_counter(), 0., 0, optimizer.param_groups[0]['lr']
         with tqdm(total=num_clips, unit='clip', disable=not progress, desc=f'{desc} {epoch + 1}/{epochs}', leave=False) as bar:
             for inputs, labels in batches(epoch):
                 labels = labels.to(device)
@@ -268,7 +268,18 @@ def train_head_online(model:torch.nn.Module, # a `Recognizer` built in `uas` mod
     _report(failures, 'training')
     return history
 
-# %% ../nbs/07_train.ipynb #25a5f58c
+# %% ../nbs/07_train.ipynb #de5683bb
+def check_cache_backbone(model:torch.nn.Module, # a `Recognizer` whose `cls_head` is to run on `cache`
+                         cache, # a `FeatureCache`
+                        ):
+    "Raise unless `model.backbone` is frozen and has the weights that made `cache` (`CacheMismatchError`)."
+    if any(p.requires_grad for p in model.backbone.parameters()):
+        raise ValueError(f"cached training needs a frozen backbone (mode 'uas'); this model trains backbone parameters (mode {getattr(model, 'mode', '?')!r})")
+    have, cached = weights_hash(model.backbone), cache.identity['weights']
+    if have != cached: raise CacheMismatchError(f'{cache.root} holds features of another backbone (weights {cached[:12]}..., '
+                                                f'this model {have[:12]}...): extract them with this backbone')
+
+# %% ../nbs/07_train.ipynb #6d80e576
 def _cache_views(cache, epoch):
     "The features of draw `epoch % aug_views` of every clip: `[n, V, ...]`."
     draws = cache.identity['aug_views']
@@ -281,8 +292,10 @@ def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head`
                     cache, # a `FeatureCache` of the validation or test set
                     batch_size:int=256, # clips per head call
                     device=None, # where the head runs
+                    check:bool=True, # check that `cache` was made by `model.backbone` (`check_cache_backbone`)
                    ) -> dict:
     "`uas.metrics.evaluate` of `model.cls_head` on the first draw of every cached clip, views averaged as probabilities."
+    if check: check_cache_backbone(model, cache)
     device = torch.device(device or 'cpu')
     model.eval()
     features = _cache_views(cache, 0)
@@ -295,7 +308,7 @@ def _per_view(head, x):
     b, v = x.shape[:2]
     return head(x.flatten(0, 1)).view(b, v, -1)
 
-# %% ../nbs/07_train.ipynb #fce9da2e
+# %% ../nbs/07_train.ipynb #4e10c354
 def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; only `model.cls_head` runs
                       train_cache, # a `FeatureCache` of the training set (`uas.features.extract_features`)
                       epochs:int=30, # the paper's 30
@@ -308,6 +321,8 @@ def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; onl
                       progress:bool=True, # progress bars with clips/s
                      ) -> list:
     "Train the head from cached features with the online loop's recipe, order and metrics."
+    for cache in (train_cache, val_cache):
+        if cache is not None: check_cache_backbone(model, cache)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     _report({f['index']: f['error'] for f in train_cache.failures}, f'the cache {train_cache.root}')
@@ -317,6 +332,6 @@ def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; onl
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size]
             yield features[idx].to(device).float(), labels[idx]
-    validate = None if val_cache is None else lambda: evaluate_cached(model, val_cache, device=device)
+    validate = None if val_cache is None else lambda: evaluate_cached(model, val_cache, device=device, check=False)
     return fit_head(model, batches, model.cls_head, n, -(-n // batch_size),
                     epochs, update_interval, validate, val_every, device, progress, 'cached')
