@@ -273,7 +273,7 @@ def sample_frames(num_frames:int, # frames in the video
                else _train_offsets(num_frames, span, num_clips, _as_rng(rng)))
     return (offsets.astype(np.int64)[:, None] + np.arange(clip_len) * frame_interval) % num_frames
 
-# %% ../nbs/00_video.ipynb #c053
+# %% ../nbs/00_video.ipynb #c055
 def to_views(frames, # uint8 frames [V*T, H, W, 3], as `get_frames` returns them
              num_views:int=1 # how many clips the frames hold, one after another
             ) -> torch.Tensor:
@@ -282,7 +282,7 @@ def to_views(frames, # uint8 frames [V*T, H, W, 3], as `get_frames` returns them
     n, h, w, c = frames.shape
     return frames.reshape(num_views, n // num_views, h, w, c).permute(0, 1, 4, 2, 3)
 
-# %% ../nbs/00_video.ipynb #c057
+# %% ../nbs/00_video.ipynb #c059
 def short_side_size(height:int, # frame height
                     width:int, # frame width
                     short_side:int # target length of the shorter side
@@ -291,7 +291,7 @@ def short_side_size(height:int, # frame height
     factor = short_side / min(height, width)
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
-# %% ../nbs/00_video.ipynb #c060
+# %% ../nbs/00_video.ipynb #c062
 def resize(clip:torch.Tensor, # uint8 [..., C, H, W]
            size:tuple # (height, width) wanted
           ) -> torch.Tensor:
@@ -302,7 +302,7 @@ def resize(clip:torch.Tensor, # uint8 [..., C, H, W]
     out = F.interpolate(frames, size=size, mode='bilinear', align_corners=False, antialias=False)
     return out.reshape(*clip.shape[:-2], *size)
 
-# %% ../nbs/00_video.ipynb #c064
+# %% ../nbs/00_video.ipynb #c066
 def crop(clip:torch.Tensor, # [..., C, H, W]
          top:int, # first row of the box
          left:int, # first column of the box
@@ -320,7 +320,7 @@ def flip(clip:torch.Tensor # [..., C, H, W]
     "Mirror every frame left to right."
     return clip.flip(-1)
 
-# %% ../nbs/00_video.ipynb #c067
+# %% ../nbs/00_video.ipynb #c069
 def center_crop(clip:torch.Tensor, # [..., C, H, W]
                 size:int # side of the square crop
                ) -> torch.Tensor:
@@ -346,7 +346,7 @@ def three_crop(clip:torch.Tensor, # [V, T, C, H, W]
     "Three square crops along the long side, as views `[3*V, T, C, size, size]`, crop by crop."
     return torch.cat([crop(clip, top, left, size, size) for top, left in three_crop_offsets(*clip.shape[-2:], size)])
 
-# %% ../nbs/00_video.ipynb #c071
+# %% ../nbs/00_video.ipynb #c073
 def random_resized_box(height:int, # frame height
                        width:int, # frame width
                        rng:np.random.Generator, # random numbers
@@ -367,19 +367,21 @@ def random_resized_box(height:int, # frame height
     side = min(height, width)
     return (height - side) // 2, (width - side) // 2, side, side
 
-# %% ../nbs/00_video.ipynb #c075
+# %% ../nbs/00_video.ipynb #c077
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 def normalize(clip:torch.Tensor, # uint8 [..., 3, H, W]
               mean:tuple=MEAN, # per-channel mean (RGB, 0-255 scale)
               std:tuple=STD # per-channel standard deviation
              ) -> torch.Tensor:
-    "float32 `(clip - mean) / std`, channel by channel."
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (clip.float() - mean) / std
+    "float32 `(clip - mean) / std`, channel by channel; a `[V, T, C, H, W]` clip is stored as `[V, C, T, H, W]`."
+    if clip.dim() == 5: out = torch.empty(clip.shape[0], clip.shape[2], clip.shape[1], *clip.shape[3:]).permute(0, 2, 1, 3, 4)
+    else: out = torch.empty(clip.shape)
+    out.copy_(clip)
+    inverse = (1 / torch.tensor(std, dtype=torch.float64)).float()
+    return out.sub_(torch.tensor(mean)[:, None, None]).mul_(inverse[:, None, None])
 
-# %% ../nbs/00_video.ipynb #c078
+# %% ../nbs/00_video.ipynb #c080
 class Step:
     "A clip transform `step(clip, rng) -> clip` on `[V, T, C, H, W]`; `views` is how many views it makes of one."
     views = 1
@@ -424,7 +426,7 @@ class Normalize(Step):
     def __init__(self, mean=MEAN, std=STD): self.mean, self.std = tuple(mean), tuple(std)
     def __call__(self, clip, rng=None): return normalize(clip, self.mean, self.std)
 
-# %% ../nbs/00_video.ipynb #c081
+# %% ../nbs/00_video.ipynb #c083
 class Pipeline:
     "Decode, sample and transform a video into float32 views `[V, 3, T, H, W]`: `pipeline(path, rng=None)`."
     def __init__(self,
@@ -464,7 +466,7 @@ class Pipeline:
         sampling = f'SampleFrames(clip_len={self.clip_len}, frame_interval={self.frame_interval}, num_clips={self.num_clips}, test_mode={self.test_mode})'
         return f"Pipeline({self.name or ''}: " + ' -> '.join([sampling] + [repr(s) for s in self.steps]) + f'; {self.views} view(s))'
 
-# %% ../nbs/00_video.ipynb #c083
+# %% ../nbs/00_video.ipynb #c085
 def train_pipeline(clip_len=32, frame_interval=2, num_clips=1, short_side=256, crop_size=224, area_range=(0.08, 1.0),
                    aspect_ratio_range=(3 / 4, 4 / 3), flip_ratio=0.5, mean=MEAN, std=STD, backend='auto', name=None) -> Pipeline:
     "The reference's train pipeline: random clip, short side, random resized crop, square resize, flip, normalise."
@@ -485,7 +487,7 @@ def testing_pipeline(clip_len=32, frame_interval=2, num_clips=4, short_side=None
     steps = [Resize(short_side=short_side or crop_size), crops, Normalize(mean, std)]
     return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
 
-# %% ../nbs/00_video.ipynb #c085
+# %% ../nbs/00_video.ipynb #c087
 STAGES = {'train': train_pipeline, 'val': val_pipeline, 'test': testing_pipeline}
 DATASET_PIPELINES = {
     'chimpbehave': {'train': dict(frame_interval=1), 'val': dict(frame_interval=1), 'test': dict(frame_interval=2, num_clips=1)},
