@@ -190,3 +190,14 @@ def test_augmented_views_of_real_clips_are_seeded(backbone, video_list, tmp_path
     assert a.features.shape == (2, 3, backbone.num_features)
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
     assert (a.features[:, 0] - a.features[:, 1]).abs().max() > 1e-3   # the draws differ from each other
+
+
+def test_loader_workers_give_the_same_cache(backbone, video_list, tmp_path):
+    "Seeded draws do not depend on which worker reads a clip."
+    data = VideoDataset(video_list, pipeline=small('train'), on_error='skip')
+    with pytest.warns(UserWarning, match='1 of 6'):
+        one = extract_features(backbone, data, tmp_path/'one', aug_views=2, dtype='float32', progress=False)
+    with pytest.warns(UserWarning, match='1 of 6'):
+        two = extract_features(backbone, data, tmp_path/'two', aug_views=2, dtype='float32', num_workers=2, progress=False)
+    assert two.indices.tolist() == one.indices.tolist() == [0, 1, 2, 4, 5]
+    torch.testing.assert_close(two.features, one.features, atol=1e-5, rtol=1e-5)

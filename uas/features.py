@@ -185,7 +185,7 @@ def _forward(backbone, clips, device, pooled, amp):
     x = x.float()
     return (pool(x) if pooled else x).cpu()
 
-# %% ../nbs/06_features.ipynb #861d5edb
+# %% ../nbs/06_features.ipynb #deb7d299
 def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_workers, device, pooled, dtype, amp, bar):
     "Features, labels, indices and failures of the clips in `rng`."
     items = [(i, d) for i in rng for d in range(aug_views)]
@@ -202,7 +202,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
             for b, f in zip(good, out):
                 feats[b['index'], b['draw']] = f
                 labels[b['index']] = b['label']
-        bar.update(len(batch) / aug_views)
+        bar.update(len(batch))
     kept = [i for i in rng if i not in failures]
     shape = next(iter(feats.values())).shape[1:] if feats else (0,)
     return dict(features=torch.stack([torch.cat([feats[i, d] for d in range(aug_views)]) for i in kept]).to(getattr(torch, dtype))
@@ -211,7 +211,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
                 indices=torch.tensor(kept, dtype=torch.long),
                 failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
 
-# %% ../nbs/06_features.ipynb #66a1fca5
+# %% ../nbs/06_features.ipynb #4dc9c465
 def _pipeline_of(dataset):
     "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
     return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
@@ -254,7 +254,8 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
     backbone = backbone.eval().to(device)
     guarded, start = GuardedClips(dataset, seed), time.perf_counter()
     try:
-        with tqdm(total=sum(len(cache.shard_range(i)) for i in todo), unit='clip', disable=not progress,
+        with tqdm(total=aug_views * sum(len(cache.shard_range(i)) for i in todo), unit='clip' if aug_views == 1 else 'draw',
+                  disable=not progress,
                   desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:
             for i in todo:
                 shard = _extract_shard(backbone, guarded, cache.shard_range(i), aug_views, batch_size, num_workers,

@@ -308,7 +308,7 @@ def _per_view(head, x):
     b, v = x.shape[:2]
     return head(x.flatten(0, 1)).view(b, v, -1)
 
-# %% ../nbs/07_train.ipynb #4e10c354
+# %% ../nbs/07_train.ipynb #15500dd3
 def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; only `model.cls_head` runs
                       train_cache, # a `FeatureCache` of the training set (`uas.features.extract_features`)
                       epochs:int=30, # the paper's 30
@@ -328,10 +328,10 @@ def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; onl
     _report({f['index']: f['error'] for f in train_cache.failures}, f'the cache {train_cache.root}')
     labels, n = train_cache.labels, len(train_cache)
     def batches(epoch):
-        features, order = _cache_views(train_cache, epoch), epoch_order(n, epoch, seed)
+        features, order = _cache_views(train_cache, epoch).to(device).float(), epoch_order(n, epoch, seed)
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size]
-            yield features[idx].to(device).float(), labels[idx]
+            yield features[idx], labels[idx]
     validate = None if val_cache is None else lambda: evaluate_cached(model, val_cache, device=device, check=False)
     return fit_head(model, batches, model.cls_head, n, -(-n // batch_size),
                     epochs, update_interval, validate, val_every, device, progress, 'cached')
