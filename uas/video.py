@@ -10,7 +10,7 @@ __all__ = ['BACKENDS', 'MEAN', 'STD', 'STAGES', 'DATASET_PIPELINES', 'VideoReadE
            'val_pipeline', 'testing_pipeline', 'pipeline_names', 'get_pipeline']
 
 # %% ../nbs/00_video.ipynb #c002
-import bisect, math, tempfile, traceback
+import bisect, math, traceback
 from pathlib import Path
 
 import numpy as np
@@ -467,22 +467,50 @@ class Pipeline:
         return f"Pipeline({self.name or ''}: " + ' -> '.join([sampling] + [repr(s) for s in self.steps]) + f'; {self.views} view(s))'
 
 # %% ../nbs/00_video.ipynb #c085
-def train_pipeline(clip_len=32, frame_interval=2, num_clips=1, short_side=256, crop_size=224, area_range=(0.08, 1.0),
-                   aspect_ratio_range=(3 / 4, 4 / 3), flip_ratio=0.5, mean=MEAN, std=STD, backend='auto', name=None) -> Pipeline:
+def train_pipeline(clip_len:int=32, # frames per clip
+                   frame_interval:int=2, # step between a clip's frames
+                   num_clips:int=1, # clips per video
+                   short_side:int=256, # the short side after the first resize
+                   crop_size:int=224, # side of the square the random crop is resized to
+                   area_range:tuple=(0.08, 1.0), # RandomResizedCrop: fraction of the frame's area
+                   aspect_ratio_range:tuple=(3 / 4, 4 / 3), # RandomResizedCrop: width / height
+                   flip_ratio:float=0.5, # probability of a left-right flip
+                   mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
+                   std:tuple=STD, # normalisation standard deviation
+                   backend:str='auto', # video backend, see `open_video`
+                   name:str=None # a name for `repr`
+                  ) -> Pipeline:
     "The reference's train pipeline: random clip, short side, random resized crop, square resize, flip, normalise."
     steps = [Resize(short_side=short_side), RandomResizedCrop(area_range, aspect_ratio_range),
              Resize(size=(crop_size, crop_size)), Flip(flip_ratio), Normalize(mean, std)]
     return Pipeline(clip_len, frame_interval, num_clips, False, steps, backend, name)
 
-def val_pipeline(clip_len=32, frame_interval=2, num_clips=1, short_side=256, crop_size=224, mean=MEAN, std=STD,
-                 backend='auto', name=None) -> Pipeline:
+def val_pipeline(clip_len:int=32, # frames per clip
+                 frame_interval:int=2, # step between a clip's frames
+                 num_clips:int=1, # clips per video
+                 short_side:int=256, # the short side after resizing
+                 crop_size:int=224, # side of the centre crop
+                 mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
+                 std:tuple=STD, # normalisation standard deviation
+                 backend:str='auto', # video backend, see `open_video`
+                 name:str=None # a name for `repr`
+                ) -> Pipeline:
     "The reference's val pipeline: uniform clip, short side, centre crop, normalise."
     steps = [Resize(short_side=short_side), CenterCrop(crop_size), Normalize(mean, std)]
     return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
 
-def testing_pipeline(clip_len=32, frame_interval=2, num_clips=4, short_side=None, crop_size=224, three_crop=True,
-                     mean=MEAN, std=STD, backend='auto', name=None) -> Pipeline:
-    "The reference's test pipeline: uniform clips, short side (default: the crop size), three crops (or a centre crop), normalise."
+def testing_pipeline(clip_len:int=32, # frames per clip
+                     frame_interval:int=2, # step between a clip's frames
+                     num_clips:int=4, # clips per video
+                     short_side:int=None, # the short side after resizing (default: `crop_size`, as ThreeCrop needs)
+                     crop_size:int=224, # side of the square crops
+                     three_crop:bool=True, # three crops per clip (the paper); False: one centre crop
+                     mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
+                     std:tuple=STD, # normalisation standard deviation
+                     backend:str='auto', # video backend, see `open_video`
+                     name:str=None # a name for `repr`
+                    ) -> Pipeline:
+    "The reference's test pipeline: uniform clips, short side, three crops (or a centre crop), normalise."
     crops = ThreeCrop(crop_size) if three_crop else CenterCrop(crop_size)
     steps = [Resize(short_side=short_side or crop_size), crops, Normalize(mean, std)]
     return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
