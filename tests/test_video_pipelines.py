@@ -4,7 +4,7 @@ holds, and the values of the views.
 Each clip is written by PyAV with flat frames whose colour encodes the frame number (red = 12 * (i // 16),
 green = 20 + 12 * (i % 16)), which survives h264, resizing and cropping, so that every view can be read back as a
 list of frame numbers and compared with `sample_frames`."""
-import pickle
+import gc, pickle
 
 import numpy as np
 import pytest
@@ -93,3 +93,21 @@ def test_small_overrides_for_the_synthetic_experiment(clips):
 def test_pipeline_pickles_for_dataloader_workers(clips):
     pipeline = pickle.loads(pickle.dumps(get_pipeline('chimpbehave_test')))
     assert tuple(pipeline(clips['chimpbehave']).shape) == (3, 3, 32, 224, 224)
+
+
+class PipelineClips(torch.utils.data.Dataset):
+    "Four draws of one clip through a pipeline, seeded by index."
+    def __init__(self, pipeline, path): self.pipeline, self.path = pipeline, path
+    def __len__(self): return 4
+    def __getitem__(self, i): return self.pipeline(self.path, rng=i)
+
+
+def test_pipeline_in_forked_dataloader_workers(clips):
+    "Readers must not hang forked workers: the parent reads first (as a dataset check would), workers collect garbage."
+    pipeline = get_pipeline('chimpbehave_train', clip_len=8, short_side=64, crop_size=56)
+    for backend in ('decord', 'pyav'): get_pipeline('chimpbehave_val', backend=backend)(clips['chimpbehave'])
+    loader = torch.utils.data.DataLoader(PipelineClips(pipeline, clips['chimpbehave']), batch_size=2, num_workers=2,
+                                         multiprocessing_context='fork', timeout=120, worker_init_fn=lambda _: gc.collect())
+    batches = list(loader)
+    assert [tuple(b.shape) for b in batches] == [(2, 1, 3, 8, 56, 56)] * 2
+    assert torch.equal(batches[1][0], pipeline(clips['chimpbehave'], rng=2))
