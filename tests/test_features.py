@@ -102,7 +102,8 @@ def test_broken_clips_are_reported_and_kept_out(backbone, tmp_path):
 
 
 def test_shard_of_only_broken_clips(backbone, tmp_path):
-    cache = extract_features(backbone, Clips(4, broken={2, 3}), tmp_path, pipeline='p', shard_size=2, progress=False)
+    with pytest.warns(UserWarning, match='2 of 4 clips failed'):
+        cache = extract_features(backbone, Clips(4, broken={2, 3}), tmp_path, pipeline='p', shard_size=2, progress=False)
     assert cache.indices.tolist() == [0, 1] and cache.features.shape == (2, 1, backbone.num_features)
 
 
