@@ -211,7 +211,7 @@ def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_work
                 indices=torch.tensor(kept, dtype=torch.long),
                 failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
 
-# %% ../nbs/06_features.ipynb #4dc9c465
+# %% ../nbs/06_features.ipynb #fc667197
 def _pipeline_of(dataset):
     "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
     return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
@@ -233,6 +233,7 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                      progress:bool=True, # show a progress bar (clips, clips/s)
                     ) -> FeatureCache:
     "Extract (or finish extracting) the features of `dataset` into `cache_dir`, checked against an existing cache."
+    if len(dataset) == 0: raise ValueError(f'the dataset {describe_dataset(dataset)} has no clips to extract')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     amp = device.type == 'cuda' if amp is None else amp
     pipeline = pipeline if pipeline is not None else _pipeline_of(dataset)
