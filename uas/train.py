@@ -218,17 +218,17 @@ def _report(failures, what):
     if failures: warnings.warn(f'{len(failures)} clips could not be read and were left out of {what}: ' +
                                '; '.join(f'#{i}: {e}' for i, e in sorted(failures.items())))
 
-# %% ../nbs/07_train.ipynb #da63aedd
+# %% ../nbs/07_train.ipynb #eb0519e0
 @torch.no_grad()
 def evaluate_online(model:torch.nn.Module, # a `Recognizer`
                     data, # dataset of `{'clip': [V, 3, T, H, W], 'label', 'index'}` (e.g. a test pipeline's views)
                     batch_size:int=4, # clips per forward pass
                     num_workers:int=0, # DataLoader workers
-                    device=None, # where the model runs
+                    device=None, # where the model runs; default: where its head is
                     amp:bool=None, # bfloat16 autocast; default: on a GPU
                    ) -> dict:
     "`uas.metrics.evaluate` of `model` on every readable clip of `data`, views averaged as softmax probabilities."
-    device = torch.device(device or 'cpu')
+    device = torch.device(device) if device else next(model.cls_head.parameters()).device
     amp = device.type == 'cuda' if amp is None else amp
     model.eval()
     scores, labels, failures = [], [], {}
@@ -279,7 +279,7 @@ def check_cache_backbone(model:torch.nn.Module, # a `Recognizer` whose `cls_head
     if have != cached: raise CacheMismatchError(f'{cache.root} holds features of another backbone (weights {cached[:12]}..., '
                                                 f'this model {have[:12]}...): extract them with this backbone')
 
-# %% ../nbs/07_train.ipynb #6d80e576
+# %% ../nbs/07_train.ipynb #dec080a9
 def _cache_views(cache, epoch):
     "The features of draw `epoch % aug_views` of every clip: `[n, V, ...]`."
     draws = cache.identity['aug_views']
@@ -291,12 +291,12 @@ def _cache_views(cache, epoch):
 def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head` runs
                     cache, # a `FeatureCache` of the validation or test set
                     batch_size:int=256, # clips per head call
-                    device=None, # where the head runs
+                    device=None, # where the head runs; default: where it is
                     check:bool=True, # check that `cache` was made by `model.backbone` (`check_cache_backbone`)
                    ) -> dict:
     "`uas.metrics.evaluate` of `model.cls_head` on the first draw of every cached clip, views averaged as probabilities."
     if check: check_cache_backbone(model, cache)
-    device = torch.device(device or 'cpu')
+    device = torch.device(device) if device else next(model.cls_head.parameters()).device
     model.eval()
     features = _cache_views(cache, 0)
     scores = [average_views(_per_view(model.cls_head, features[s:s + batch_size].to(device).float())).cpu()
