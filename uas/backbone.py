@@ -144,9 +144,9 @@ def window_attention(q:torch.Tensor, # queries `[B*nW, heads, N, d]`
     "Multi-head attention within windows, with the relative position bias and the optional shift mask."
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if groups is not None and mask is not None:
-        if not fast:
-            mask = mask.repeat_interleave(torch.tensor(groups, device=mask.device), dim=0)
-            return window_attention(q, k, v, bias, mask.repeat(q.shape[0] // len(mask), 1, 1), scale, dropout, False)
+        if not fast:  # one mask per window, all windows as one "clip"
+            return window_attention(q, k, v, bias, mask.repeat_interleave(torch.tensor(groups, device=mask.device), dim=0),
+                                    scale, dropout, False)
         attn_mask, ends = (mask[:, None] + bias).to(q.dtype), [0, *itertools.accumulate(groups)]
         return torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b], v[a:b], m[None], dropout, scale=scale).transpose(1, 2)
                           for a, b, m in zip(ends[:-1], ends[1:], attn_mask) if b > a]).transpose(1, 2)
@@ -443,11 +443,26 @@ _PRESETS = dict(
 )
 
 def _preset(name, kw): return SwinTransformer3D(**{**_PRESETS[name], **kw})
-def swin3d_t(**kw) -> SwinTransformer3D: "Video Swin-T (28M), official defaults; `kw` overrides." ; return _preset('swin3d_t', kw)
-def swin3d_s(**kw) -> SwinTransformer3D: "Video Swin-S (50M)." ; return _preset('swin3d_s', kw)
-def swin3d_b(**kw) -> SwinTransformer3D: "Video Swin-B (88M), the backbone of the Universal Action Space." ; return _preset('swin3d_b', kw)
-def swin3d_l(**kw) -> SwinTransformer3D: "Video Swin-L (196M)." ; return _preset('swin3d_l', kw)
-def swin3d_mini(**kw) -> SwinTransformer3D: "A 2M-parameter Video Swin for tests and small experiments." ; return _preset('swin3d_mini', kw)
+
+def swin3d_t(**kw) -> SwinTransformer3D:
+    "Video Swin-T (28M parameters); keyword arguments override the preset."
+    return _preset('swin3d_t', kw)
+
+def swin3d_s(**kw) -> SwinTransformer3D:
+    "Video Swin-S (50M parameters)."
+    return _preset('swin3d_s', kw)
+
+def swin3d_b(**kw) -> SwinTransformer3D:
+    "Video Swin-B (88M parameters), the backbone of the Universal Action Space."
+    return _preset('swin3d_b', kw)
+
+def swin3d_l(**kw) -> SwinTransformer3D:
+    "Video Swin-L (196M parameters)."
+    return _preset('swin3d_l', kw)
+
+def swin3d_mini(**kw) -> SwinTransformer3D:
+    "A 2M-parameter Video Swin for tests and small experiments."
+    return _preset('swin3d_mini', kw)
 
 # %% ../nbs/02_backbone.ipynb #14fbd5d4
 def convert_torchvision_state_dict(sd:dict # state dict of a torchvision `swin3d_*` model
