@@ -10,9 +10,9 @@ sync:
 	.venv/bin/nbdev_clean
 	.venv/bin/nbdev_export
 
-# README.md is the markdown of nbs/index.ipynb (quarto, which nbdev_readme needs, is not installable everywhere).
+# README.md is nbs/index.ipynb as markdown (quarto, which nbdev_readme needs, is not installable everywhere).
 readme:
-	.venv/bin/python -c "import json; nb = json.load(open('nbs/index.ipynb')); print('\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown'))" > README.md
+	.venv/bin/python tests/front_page.py > README.md
 
 test:
 	bash .ci/run

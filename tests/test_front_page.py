@@ -3,26 +3,24 @@ import json, os, re, shlex, subprocess, sys
 from pathlib import Path
 
 from conftest import ROOT
+from front_page import render_index
 
 def sh_blocks(markdown):
     "The ```sh fenced blocks of a markdown text, in order."
     return [b.strip() for b in re.findall(r'```sh\n(.*?)```', markdown, flags=re.S)]
 
-def index_markdown():
-    nb = json.loads((ROOT/'nbs'/'index.ipynb').read_text())
-    return '\n\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
 
 def readme_commands():
     main_job, test_suite = sh_blocks((ROOT/'README.md').read_text())
     return main_job, test_suite
 
 def test_readme_and_index_give_the_same_commands():
-    assert sh_blocks((ROOT/'README.md').read_text()) == sh_blocks(index_markdown()), \
+    assert sh_blocks((ROOT/'README.md').read_text()) == sh_blocks(render_index()), \
         'README.md and nbs/index.ipynb disagree on the set-up commands: edit the notebook, then `make readme`'
 
 def test_readme_is_the_index_notebook():
-    assert (ROOT/'README.md').read_text().strip() == index_markdown().strip(), \
-        'README.md is not the markdown of nbs/index.ipynb: edit the notebook, then `make readme`'
+    assert (ROOT/'README.md').read_text() == render_index(), \
+        'README.md is not nbs/index.ipynb rendered as markdown: edit the notebook, then `make readme`'
 
 def ci_phases():
     "The commands `.ci/run` assigns to its install, notebooks and pytest phases."
