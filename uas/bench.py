@@ -9,15 +9,25 @@ __all__ = ['BENCHMARKS', 'benchmark', 'results_dir', 'machine_info', 'record', '
            'bench_pipeline', 'main']
 
 # %% ../nbs/12_bench.ipynb #3945ef37
-import importlib, json, os, platform, statistics, sys, tempfile, time
+import importlib, json, math, os, platform, statistics, sys, tempfile, time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision
 from fastcore.script import anno_parser, store_true
 
 import uas
+import uas.backbone
+from .backbone import convert_torchvision_state_dict, get_window_size
+from .data import VideoDataset, read_annotations
+from .features import extract_features
+from .model import build_recognizer
+from .synthetic import make_synthetic
+from .train import seed_everything, train_head_cached, train_head_online
+from .video import get_pipeline, open_video, sample_frames, write_video
 
 # %% ../nbs/12_bench.ipynb #d6f6b1d7
 BENCHMARKS = {}
@@ -158,7 +168,6 @@ def bench_env():
 def bench_synthetic(seed:int=0 # generator seed
                    ):
     "Write the default target and source synthetic sets and time each (wall and CPU seconds)."
-    from uas.synthetic import make_synthetic
     results = {}
     with tempfile.TemporaryDirectory() as d:
         for kind in ('target', 'source'):
@@ -174,9 +183,6 @@ def bench_synthetic(seed:int=0 # generator seed
 # %% ../nbs/12_bench.ipynb #a145dad0
 def _probe_data(root, clip_len, size, clips, quick):
     "The synthetic target training split through a small ChimpBehave training pipeline."
-    from uas.data import VideoDataset, read_annotations
-    from uas.synthetic import make_synthetic
-    from uas.video import get_pipeline
     extra = dict(splits=dict(train=7), min_per_class=1, size=(32, 32), num_frames=8) if quick else {}
     summary = make_synthetic(root, 'target', seed=0, **extra)
     pipeline = get_pipeline('chimpbehave_train', clip_len=clip_len, short_side=size, crop_size=size)
@@ -196,9 +202,6 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
                 quick:store_true=False, # seconds, for tests: a 7-clip set of 32x32 clips, 2 epochs
                ):
     "30 epochs of UAS head training, online (the paper) vs from a feature cache (extraction included)."
-    from uas.features import extract_features
-    from uas.model import build_recognizer
-    from uas.train import seed_everything, train_head_cached, train_head_online
     if quick: epochs, clip_len, size = 2, 4, 32
     if threads: torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,15 +228,6 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
         print(f'{k:>10}: {results[k]:.4g}' if isinstance(results[k], float) else f'{k:>10}: {results[k]}')
     return record('probe', results, arch=arch, clip=results['clip'], clips=len(data), epochs=epochs,
                   online_s=online_s, cached_s=cached_s, cpu_ratio=results['cpu_ratio'], ratio=results['ratio'])
-
-# %% ../nbs/12_bench.ipynb #327691fc
-import math
-
-import torch.nn.functional as F
-import torchvision
-
-import uas.backbone
-from .backbone import convert_torchvision_state_dict, get_window_size
 
 # %% ../nbs/12_bench.ipynb #7c1fc8c8
 def backbone_pair(arch:str='swin3d_b', # a preset that torchvision also has: swin3d_t, swin3d_s or swin3d_b
@@ -405,8 +399,6 @@ def _print_backbone(out):
     print("where torchvision's goes:", ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile_torchvision']))
 
 # %% ../nbs/12_bench.ipynb #935d5ee2
-from .video import get_pipeline, open_video, sample_frames, write_video
-
 def _wh(s): # '320x240' -> (width, height)
     w, h = (int(v) for v in s.split('x'))
     return w, h

@@ -8,13 +8,19 @@ __all__ = ['PAPER_CUSTOM_KEYS', 'NORM_LAYERS', 'match_custom_key', 'paper_param_
            'evaluate_online', 'train_head_online', 'check_cache_backbone', 'evaluate_cached', 'train_head_cached']
 
 # %% ../nbs/07_train.ipynb #c7208a26
-import math, random
+import math, random, time, warnings
 from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .features import CacheMismatchError, GuardedClips, weights_hash
+from .metrics import average_views, evaluate
 
 # %% ../nbs/07_train.ipynb #129e5a9e
 PAPER_CUSTOM_KEYS = {'absolute_pos_embed': dict(decay_mult=0.), 'relative_position_bias_table': dict(decay_mult=0.),
@@ -139,16 +145,6 @@ def seed_everything(seed:int, # the seed for Python, numpy and torch
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
-
-# %% ../nbs/07_train.ipynb #1b374bdf
-import time, warnings
-
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from .features import CacheMismatchError, GuardedClips, weights_hash
-from .metrics import average_views, evaluate
 
 # %% ../nbs/07_train.ipynb #939277b7
 def epoch_order(n:int, # number of training clips
