@@ -118,37 +118,17 @@ def devices() -> list:
     return out
 
 # %% ../nbs/12_bench.ipynb #27d4294d
-def _probe_clip(path, n=8, size=64):
-    import av
-    with av.open(str(path), 'w') as out:
-        stream = out.add_stream('libx264', rate=8)
-        stream.width = stream.height = size
-        stream.pix_fmt = 'yuv420p'
-        for i in range(n):
-            frame = np.full((size, size, 3), 20 + 25*i, np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
-        out.mux(stream.encode())
-
-def _decode_decord(path):
-    import decord
-    return decord.VideoReader(str(path)).get_batch(list(range(8))).asnumpy()
-
-def _decode_pyav(path):
-    import av
-    with av.open(str(path)) as f: return np.stack([fr.to_ndarray(format='rgb24') for fr in f.decode(video=0)])
-
 def video_backends() -> dict:
-    "Decode a freshly encoded h264 clip with each backend: `{backend: 'ok' or why not}`."
-    status = {}
+    "Read a freshly encoded h264 clip with each backend of `open_video`: `{backend: 'ok' or why not}`."
+    status, brightness = {}, 20 + 25 * np.arange(8)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d)/'probe.mp4'
-        _probe_clip(path)
-        for name, decode in {'decord': _decode_decord, 'pyav': _decode_pyav}.items():
+        path = write_video(Path(d)/'probe.mp4', np.broadcast_to(brightness[:, None, None, None], (8, 64, 64, 3)), fps=8)
+        for name in ('decord', 'pyav'):
             try:
-                frames = decode(path)
-                brightness = frames.reshape(len(frames), -1).mean(1)
-                ok = len(frames) == 8 and np.allclose(brightness, 20 + 25*np.arange(8), atol=3)
-                status[name] = 'ok' if ok else f'wrong frames: mean brightness {brightness.round().tolist()}'
+                with open_video(path, backend=name) as video: frames = video.get_frames(range(8))
+                seen = frames.reshape(len(frames), -1).mean(1)
+                ok = len(frames) == 8 and np.allclose(seen, brightness, atol=3)
+                status[name] = 'ok' if ok else f'wrong frames: mean brightness {seen.round().tolist()}'
             except Exception as e: status[name] = f'{type(e).__name__}: {e}'
     return status
 
