@@ -5,13 +5,9 @@ import torchvision
 from torchvision.ops import StochasticDepth
 
 import uas.backbone as bb
+from uas.bench import torchvision_features
 
 torch.set_num_threads(1)  # the test machine is shared: one thread each
-
-
-def torchvision_features(tv, x):
-    "torchvision's `features` + `norm` output as `[N, C, T, H, W]` (what our backbone returns)."
-    return tv.norm(tv.features(tv.patch_embed(x))).permute(0, 4, 1, 2, 3)
 
 
 def twins(arch, seed=0):

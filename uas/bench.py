@@ -296,7 +296,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
         for s in sizes:
             x = torch.randn(1, 3, *s, device=dev)
             diff = (ours(x) - torchvision_features(tv, x)).abs().max().item()
-            med = compare({'torchvision': lambda: torchvision_features(tv, x), 'uas': lambda: ours(x)}, repeats=repeats)
+            med = compare({'torchvision': lambda: torchvision_features(tv, x), 'uas': lambda: ours(x)}, repeats=repeats, warmup=0)
             out['sizes']['x'.join(map(str, s))] = dict(torchvision_s=med['torchvision'], uas_s=med['uas'],
                                                        ratio=med['torchvision'] / med['uas'], max_abs_diff=diff)
             print(f'  1x3x{"x".join(map(str, s))}:', out['sizes']['x'.join(map(str, s))], flush=True)
@@ -429,7 +429,7 @@ def bench_video(quick:store_true=False, # seconds, for tests: one 16-frame 64x48
             for mode, idx in modes.items():
                 first = {b: f(path, idx) for b, f in readers.items()}
                 agree = all((v == first['decord']).all() for v in first.values())
-                med = compare({b: (lambda f=f: f(path, idx)) for b, f in readers.items()}, repeats=repeats)
+                med = compare({b: (lambda f=f: f(path, idx)) for b, f in readers.items()}, repeats=repeats, warmup=0)
                 res[mode] = dict(frames_decoded=len(np.unique(idx)), same_frames=bool(agree),
                                  **{b: dict(seconds=s, clips_per_s=1 / s, frames_per_s=len(idx) / s) for b, s in med.items()})
                 print(f"{size:>10} {mode:>7}: " + '  '.join(f'{b} {1 / s:6.1f} clips/s' for b, s in med.items())

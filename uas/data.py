@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COLUMNS', 'STATUSES', 'Entry', 'Skip',
            'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
-           'find_behavior_map', 'read_annotations', 'SkipReport', 'VideoDataset', 'ClipSampler', 'collate_clips',
-           'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset', 'without_problems']
+           'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'ClipSampler',
+           'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset',
+           'without_problems']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
 import json, logging, random
@@ -270,6 +271,12 @@ class SkipReport:
         return out
 
 # %% ../nbs/01_data.ipynb #f3ca4eec
+def clip_file(path, # a clip's path as its list gives it
+              data_prefix # the folder relative paths start from
+             ) -> Path:
+    "Where a listed clip lives: `data_prefix/path`, or `path` itself when it is absolute (pathlib's join)."
+    return Path(data_prefix)/path
+
 class VideoDataset(SkipReport, Dataset):
     "Clips of an annotation list or class folder through a `uas.video` pipeline, with a raise-or-skip policy for bad clips."
     def __init__(self, annotations, # `Annotations`, or a list file or folder for `read_annotations`
@@ -294,8 +301,7 @@ class VideoDataset(SkipReport, Dataset):
 
     def clip_path(self, i:int) -> Path:
         "The file of clip `i`."
-        path = Path(self.annotations[i].path)
-        return path if path.is_absolute() else self.data_prefix/path
+        return clip_file(self.annotations[i].path, self.data_prefix)
 
     def __repr__(self):
         return f'VideoDataset({len(self)} clips from {self.annotations.source}, on_error={self.on_error!r})'
@@ -438,7 +444,7 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
     if isinstance(annotations, VideoDataset): annotations, data_prefix = annotations.annotations, annotations.data_prefix
     elif not isinstance(annotations, Annotations): annotations = read_annotations(annotations, on_error='skip', **read_kw)
     prefix = Path(data_prefix) if data_prefix is not None else annotations.root
-    paths = [Path(e.path) if Path(e.path).is_absolute() else prefix/e.path for e in annotations]
+    paths = [clip_file(e.path, prefix) for e in annotations]
     probes = list(tqdm(DataLoader(_Probe(paths, min_frames), batch_size=None, num_workers=num_workers), total=len(paths),
                        desc='checking clips', disable=not progress))
     clips = pd.DataFrame([(e.label, s, n) for e, (s, n, _) in zip(annotations, probes)], columns=['label', 'status', 'frames'])

@@ -75,7 +75,7 @@ def cache_identity(backbone:torch.nn.Module, # the frozen backbone
     "Everything a cached feature depends on, as a JSON-able dict."
     if dtype not in ('float16', 'float32'): raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     if aug_views < 1: raise ValueError(f'aug_views must be >= 1, got {aug_views}')
-    arch = arch or f'{type(backbone).__name__} ' + hashlib.sha256(repr(backbone).encode()).hexdigest()[:16]
+    arch = arch or f'{type(backbone).__name__} ' + _digest(backbone)
     return dict(format=CACHE_FORMAT, arch=arch, weights=weights_hash(backbone), pipeline=describe_pipeline(pipeline),
                 views=getattr(pipeline, 'views', None), aug_views=aug_views, pooled=pooled, dtype=dtype, seed=seed,
                 autocast='bfloat16' if amp else None,

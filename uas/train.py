@@ -155,10 +155,14 @@ def epoch_order(n:int, # number of training clips
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 # %% ../nbs/07_train.ipynb #3ccf452e
-def _clip_logits(run, x):
-    "Logits `[B, K]` of `x [B, V, ...]`: `run` on the `B*V` views, averaged over each clip's views."
+def _per_view(run, x):
+    "Logits `[B, V, K]` of `x [B, V, ...]`: `run` on the `B*V` views at once."
     b, v = x.shape[:2]
-    return run(x.flatten(0, 1)).view(b, v, -1).mean(1)
+    return run(x.flatten(0, 1)).view(b, v, -1)
+
+def _clip_logits(run, x):
+    "Logits `[B, K]` of `x [B, V, ...]`, averaged over each clip's views."
+    return _per_view(run, x).mean(1)
 
 # %% ../nbs/07_train.ipynb #627dbe51
 def fit_head(model:torch.nn.Module, # a `Recognizer`; only its trainable parameters (the head) learn
@@ -230,8 +234,8 @@ def evaluate_online(model:torch.nn.Module, # a `Recognizer`
     scores, labels, failures = [], [], {}
     for clips, y in _online_batches(data, list(range(len(data))), 0, batch_size, num_workers, 0, failures):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(clips.to(device).flatten(0, 1)).float()
-        scores.append(average_views(logits.view(len(y), clips.shape[1], -1)).cpu()); labels.append(y)
+            logits = _per_view(model, clips.to(device)).float()
+        scores.append(average_views(logits).cpu()); labels.append(y)
     _report(failures, 'validation')
     return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), torch.cat(labels)).items()}
 
@@ -267,11 +271,12 @@ def train_head_online(model:torch.nn.Module, # a `Recognizer` built in `uas` mod
 # %% ../nbs/07_train.ipynb #de5683bb
 def check_cache_backbone(model:torch.nn.Module, # a `Recognizer` whose `cls_head` is to run on `cache`
                          cache, # a `FeatureCache`
+                         weights:str=None, # `weights_hash(model.backbone)` if already computed
                         ):
     "Raise unless `model.backbone` is frozen and has the weights that made `cache` (`CacheMismatchError`)."
     if any(p.requires_grad for p in model.backbone.parameters()):
         raise ValueError(f"cached training needs a frozen backbone (mode 'uas'); this model trains backbone parameters (mode {getattr(model, 'mode', '?')!r})")
-    have, cached = weights_hash(model.backbone), cache.identity['weights']
+    have, cached = weights or weights_hash(model.backbone), cache.identity['weights']
     if have != cached: raise CacheMismatchError(f'{cache.root} holds features of another backbone (weights {cached[:12]}..., '
                                                 f'this model {have[:12]}...): extract them with this backbone')
 
@@ -300,10 +305,6 @@ def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head`
     _report({f['index']: f['error'] for f in cache.failures}, f'the cache {cache.root}')
     return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), cache.labels).items()}
 
-def _per_view(head, x):
-    b, v = x.shape[:2]
-    return head(x.flatten(0, 1)).view(b, v, -1)
-
 # %% ../nbs/07_train.ipynb #15500dd3
 def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; only `model.cls_head` runs
                       train_cache, # a `FeatureCache` of the training set (`uas.features.extract_features`)
@@ -317,8 +318,9 @@ def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; onl
                       progress:bool=True, # progress bars with clips/s
                      ) -> list:
     "Train the head from cached features with the online loop's recipe, order and metrics."
+    weights = weights_hash(model.backbone)
     for cache in (train_cache, val_cache):
-        if cache is not None: check_cache_backbone(model, cache)
+        if cache is not None: check_cache_backbone(model, cache, weights)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     _report({f['index']: f['error'] for f in train_cache.failures}, f'the cache {train_cache.root}')
