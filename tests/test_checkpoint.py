@@ -8,6 +8,8 @@ import torch
 import torchvision
 
 import uas.checkpoint as ck
+from helpers import CreatesFile, official_checkpoint
+from uas.bench import torchvision_features
 from uas.backbone import swin3d_b, swin3d_mini, swin3d_t
 from uas.checkpoint import CheckpointError, Mismatch, download, k700_diff_classes, kinetics_classes, load_backbone, read_checkpoint
 
@@ -33,7 +35,9 @@ def cache(tmp_path, monkeypatch):
 # --- writing checkpoints as the official code and other numpy versions would ---
 
 def official_name(key):
-    "The official Video Swin name of a torchvision `swin3d_*` key (DESIGN.md section 2), written independently of uas.backbone."
+    """The official Video Swin name of a torchvision `swin3d_*` key, written independently of uas.backbone:
+    `features.{2i}.{j}` is `backbone.layers.{i}.blocks.{j}`, `features.{2i+1}` is `backbone.layers.{i}.downsample`,
+    `mlp.0`/`mlp.3` are `mlp.fc1`/`mlp.fc2`, `head` is the Kinetics head `cls_head.fc_cls`."""
     if key.startswith('head.'): return 'cls_head.fc_cls.' + key[len('head.'):]
     m = re.match(r'features\.(\d+)\.(.*)', key)
     if m is None: return 'backbone.' + key
@@ -44,12 +48,9 @@ def official_name(key):
     return f'backbone.layers.{stage // 2}.blocks.{block}.{rest}'
 
 
-def official_checkpoint(tv_model):
-    "torchvision weights (index buffers and Kinetics head included) in the official mmcv layout, with numpy metadata and optimizer state."
-    sd = {official_name(k): v.clone() for k, v in tv_model.state_dict().items()}
-    meta = {'epoch': 30, 'iter': np.int64(12345), 'best_score': np.float64(0.8),
-            'lr': np.float32(3e-5), 'flag': np.bool_(True), 'mmcv_version': '1.3.1'}
-    return {'meta': meta, 'state_dict': sd, 'optimizer': {'state': {0: {'step': torch.tensor(3.)}}, 'param_groups': [{'lr': 3e-4}]}}
+def tv_checkpoint(tv_model):
+    "torchvision weights (index buffers and Kinetics head included) as an official mmcv checkpoint."
+    return official_checkpoint({official_name(k): v.clone() for k, v in tv_model.state_dict().items()})
 
 
 class Numpy1Pickler(pickle._Pickler):
@@ -64,13 +65,8 @@ class Numpy1Pickler(pickle._Pickler):
 NUMPY1 = types.SimpleNamespace(Pickler=Numpy1Pickler, __name__='numpy1_pickle')
 
 
-def tv_features(tv_model, clip):
-    "torchvision's backbone features: `features` then `norm`, channels first."
-    with torch.no_grad(): return tv_model.norm(tv_model.features(tv_model.patch_embed(clip))).permute(0, 4, 1, 2, 3)
-
-
 def check_official_file(tv_model, ours, tmp_path):
-    torch.save(official_checkpoint(tv_model), tmp_path/'official.pth')
+    torch.save(tv_checkpoint(tv_model), tmp_path/'official.pth')
     report = load_backbone(ours, tmp_path/'official.pth')
     assert (report.missing, report.unexpected, report.mismatched) == ([], [], [])
     assert torch.equal(report.head.weight, tv_model.head.weight.detach())
@@ -81,8 +77,8 @@ def check_official_file(tv_model, ours, tmp_path):
     assert len(report.loaded) == len(ours.state_dict())
     clip = torch.randn(1, 3, 8, 64, 64)
     with torch.no_grad(): got = ours.eval()(clip)
-    assert got.shape == tv_features(tv_model, clip).shape
-    assert (got - tv_features(tv_model, clip)).abs().max() <= 1e-4
+    assert got.shape == torchvision_features(tv_model, clip).shape
+    assert (got - torchvision_features(tv_model, clip)).abs().max() <= 1e-4
 
 
 # --- the official layout, and torchvision's, give torchvision's features ---
@@ -108,7 +104,7 @@ def test_torchvision_layout_loads_through_the_converter(tmp_path):
     assert torch.equal(report.head.weight, tv.head.weight.detach())
     assert len(report.skipped) == 12 and all(k.endswith('relative_position_index') for k in report.skipped)
     clip = torch.randn(1, 3, 8, 64, 64)
-    with torch.no_grad(): assert (ours.eval()(clip) - tv_features(tv, clip)).abs().max() <= 1e-4
+    with torch.no_grad(): assert (ours.eval()(clip) - torchvision_features(tv, clip)).abs().max() <= 1e-4
 
 
 def test_wrappers_and_prefixes_are_removed():
@@ -200,14 +196,6 @@ def test_numpy_scalars_in_meta_load_safely(tmp_path, numpy1):
     meta = read_checkpoint(path)['meta']
     assert meta == ckpt['meta'] and type(meta['iter']) is np.int64 and type(meta['lr']) is np.float32
     assert load_backbone(swin3d_mini(), path).skipped == ['meta']
-
-
-class CreatesFile:
-    "Unpickling this opens, and so creates, a file."
-    def __init__(self, path): self.path = path
-    def __reduce__(self):
-        import io
-        return (io.open, (str(self.path), 'w'))
 
 
 def test_pickle_that_creates_a_file_is_refused_and_never_runs(tmp_path):

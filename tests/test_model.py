@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import saved_bytes
 from uas.backbone import swin3d_mini
 from uas.lora import is_lora_name
 from uas.model import (KineticsHead, Recognizer, UASHead, build_recognizer, count_parameters, load_trainable,
@@ -50,17 +51,6 @@ def test_one_backward_reaches_exactly_the_trainable_set(mode, backbone_train_mod
     assert with_grad == {n for n, _ in model.named_parameters() if expected(n)}
     assert 'kinetics_head.weight' in model.state_dict() and not any(n.startswith('kinetics_head') for n in with_grad)
     optimiser.step()
-
-
-def saved_bytes(model, clips):
-    "Bytes autograd keeps for backward during one forward pass, and the scores."
-    total = 0
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): scores = model(clips)
-    return total, scores
 
 
 def test_frozen_backbone_keeps_no_activation_graph():

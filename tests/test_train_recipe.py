@@ -7,16 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import paper_rule
 from uas.model import build_recognizer
 from uas.train import (PAPER_CUSTOM_KEYS, GradientAccumulator, describe_param_groups, match_custom_key,
                        paper_lr_factor, paper_param_groups, paper_schedule, seed_everything)
-
-
-def paper_rule(name):
-    "DESIGN.md section 4 in effect: bias tables 3e-4 / 0; every other backbone parameter 3e-5 / 0.05; the rest 3e-4 / 0.05."
-    if 'relative_position_bias_table' in name: return 3e-4, 0.0
-    if name.startswith('backbone.'): return 3e-5, 0.05
-    return 3e-4, 0.05
 
 
 def check_paper_rules(model):
@@ -143,7 +137,7 @@ def run_schedule(groups_lr, epochs, iters_per_epoch, **kw):
 
 
 def test_schedule_hand_values():
-    "30 epochs x 100 iterations, head lr 3e-4: values computed by hand (see 07_train)."
+    "30 epochs x 100 iterations, head lr 3e-4: values computed by hand (see 08_train)."
     lrs, _, _ = run_schedule([3e-4, 3e-5], 30, 100)
     head = lrs[:, 0]
     assert head[0] == pytest.approx(3e-5, rel=1e-12)

@@ -2,20 +2,14 @@
 import pytest
 import torch
 
+from helpers import paper_rule
 from uas.model import build_recognizer, count_parameters
 from uas.train import describe_param_groups, paper_param_groups
 
 
-def paper_rule(name):
-    "DESIGN.md section 4 in effect: bias tables 3e-4 / 0; every other backbone parameter 3e-5 / 0.05; the rest 3e-4 / 0.05."
-    if 'relative_position_bias_table' in name: return 3e-4, 0.0
-    if name.startswith('backbone.'): return 3e-5, 0.05
-    return 3e-4, 0.05
-
-
 @pytest.mark.parametrize('mode', ['lora', 'full'])
 def test_paper_groups_real_swin_b(mode):
-    "Every trainable parameter of the real Swin-B recognizer (103 classes) with its lr and decay, checked against DESIGN.md 4."
+    "Every trainable parameter of the real Swin-B recognizer (103 classes) with its lr and decay, checked against the paper's rule (`helpers.paper_rule`)."
     torch.manual_seed(0)
     model = build_recognizer('swin3d_b', num_classes=103, mode=mode)
     table = describe_param_groups(paper_param_groups(model))

@@ -1,0 +1,82 @@
+"""Fixtures that several tests and notebooks share, defined once.
+
+Tests import them by name (pytest puts `tests/` on the path); a notebook that needs the same fixture puts the
+checkout's `tests/` folder on `sys.path` in a hidden import cell and imports from here."""
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uas.video import write_video
+
+
+def numbered_frames(n, height=32, width=64):
+    "n RGB frames whose eight vertical bars spell the frame index in binary (bar b white when bit b is set)."
+    bits = (np.arange(n)[:, None] >> np.arange(8)) & 1
+    bars = np.repeat(bits * 255, width // 8, axis=1).astype(np.uint8)
+    return np.broadcast_to(bars[:, None, :, None], (n, height, width, 3)).copy()
+
+
+def frame_numbers(frames):
+    "Read back the index that `numbered_frames` drew into each frame."
+    width = frames.shape[2]
+    centres = frames[:, frames.shape[1] // 2, width // 16::width // 8, 0]
+    return ((centres > 127) << np.arange(8)).sum(1)
+
+
+def ramp_frames(n=8, size=32):
+    "n flat grey frames, frame t of brightness 20 + 20*t: a frame's brightness tells which frame it is."
+    return np.broadcast_to((20 + 20*np.arange(n, dtype=np.uint8))[:, None, None, None], (n, size, size, 3))
+
+
+def write_ramp(path, n=8, size=32):
+    "A small h264 clip of `ramp_frames` at `path` (folders created); returns the path."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_video(path, ramp_frames(n, size))
+
+
+def write_broken(folder):
+    "Three clips no reader can use in `folder`: zero bytes, text named .mp4, a truncated mp4; their paths."
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/'empty.mp4').write_bytes(b'')
+    (folder/'text.mp4').write_text('this is not a video\n')
+    data = write_ramp(folder/'cut.mp4').read_bytes()
+    (folder/'cut.mp4').write_bytes(data[:len(data)//2])
+    return [folder/'empty.mp4', folder/'text.mp4', folder/'cut.mp4']
+
+
+def paper_rule(name):
+    """(lr, weight decay) of a trainable parameter under the paper's recipe, as mmcv applies its `custom_keys`
+    (the longest key found in the name wins): a `relative_position_bias_table` gets 3e-4 and no decay, every other
+    `backbone.*` parameter (LoRA adapters and norms included) lr x0.1 = 3e-5 with decay 0.05, the rest 3e-4 / 0.05."""
+    if 'relative_position_bias_table' in name: return 3e-4, 0.0
+    if name.startswith('backbone.'): return 3e-5, 0.05
+    return 3e-4, 0.05
+
+
+def official_checkpoint(state_dict:dict):
+    """`state_dict` (official names: `backbone.*`, `cls_head.fc_cls.*`) wrapped as mmcv saves a checkpoint after
+    training: numpy scalars in `meta` (which `torch.load(weights_only=True)` refuses unless allowed) and optimizer state."""
+    meta = {'epoch': 30, 'iter': np.int64(12345), 'best_score': np.float64(0.8),
+            'lr': np.float32(3e-5), 'flag': np.bool_(True), 'mmcv_version': '1.3.1'}
+    optimizer = {'state': {0: {'step': torch.tensor(3.)}}, 'param_groups': [{'lr': 3e-4}]}
+    return {'meta': meta, 'state_dict': state_dict, 'optimizer': optimizer}
+
+
+def saved_bytes(model, clips):
+    "Bytes of the tensors autograd saves for backward during one forward pass of `model`, and that pass's scores."
+    total = 0
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): scores = model(clips)
+    return total, scores
+
+
+class CreatesFile:
+    "An object whose unpickling opens, and so creates, a file: the smallest pickle that runs code when loaded."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (io.open, (str(self.path), 'w'))
