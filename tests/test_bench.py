@@ -1,11 +1,11 @@
-"Benchmarks run from the command line, as a user runs them, and write their numbers where `UAS_BENCH_DIR` says."
-import json, os, subprocess, sys
+"Benchmarks run from the command line, as a user runs them, and write their numbers where `--out_dir` says."
+import json, subprocess, sys
 
 import pytest
 
 def run_bench(tmp_path, *args, timeout=900):
-    env = {**os.environ, 'UAS_BENCH_DIR': str(tmp_path)}
-    res = subprocess.run([sys.executable, '-m', 'uas.bench', *args], capture_output=True, text=True, env=env, timeout=timeout)
+    res = subprocess.run([sys.executable, '-m', 'uas.bench', *args, '--out_dir', str(tmp_path)],
+                         capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith(f'RESULT {args[0]} '), last

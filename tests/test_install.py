@@ -36,8 +36,7 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     work = tmp_path/'work'; work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != 'UAS_BENCH_DIR'}
-    env['PYTHONPATH'] = str(site)
+    env = {**os.environ, 'PYTHONPATH': str(site)}
     res = subprocess.run([sys.executable, '-c', 'import uas, sys; print(uas.__file__); sys.exit(__import__("uas.bench").bench.main(["env"]))'],
                          capture_output=True, text=True, cwd=work, env=env, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -40,9 +40,10 @@ def benchmark(name:str): # the name on the command line: `uas_bench NAME`
     return register
 
 # %% ../nbs/12_bench.ipynb #d60d1db0
-def results_dir() -> Path:
-    "The folder benchmarks write to: `$UAS_BENCH_DIR`, else `figures/data` of the checkout or of the current folder."
-    if os.environ.get('UAS_BENCH_DIR'): return Path(os.environ['UAS_BENCH_DIR'])
+def results_dir(out_dir=None # a folder chosen by the caller, used as it is
+               ) -> Path:
+    "The folder benchmarks write to: `out_dir` when given, else `figures/data` of the checkout or of the current folder."
+    if out_dir: return Path(out_dir)
     checkout = Path(uas.__file__).resolve().parent.parent
     return (checkout if (checkout/'settings.ini').exists() else Path.cwd())/'figures'/'data'
 
@@ -58,10 +59,11 @@ def _fmt(v): return f'{v:.4g}' if isinstance(v, float) else str(v).replace(' ', 
 
 def record(name:str, # the benchmark's name: results go to `NAME.json`
            results:dict, # everything measured (JSON-serialisable)
+           out_dir=None, # folder for `NAME.json` (default: `results_dir()`)
            **headline # the numbers that summarise the run, printed on the `RESULT` line
           ) -> Path:
-    "Write a benchmark's numbers to `results_dir()/NAME.json` and print `RESULT NAME key=value ...`."
-    out = results_dir()/f'{name}.json'
+    "Write a benchmark's numbers to `results_dir(out_dir)/NAME.json` and print `RESULT NAME key=value ...`."
+    out = results_dir(out_dir)/f'{name}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     data = dict(name=name, headline=headline, results=results, machine=machine_info(),
                 command=' '.join(['uas_bench', name, *sys.argv[2:]]), finished=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
@@ -134,18 +136,20 @@ def video_backends() -> dict:
 
 # %% ../nbs/12_bench.ipynb #e3da28cd
 @benchmark('env')
-def bench_env():
+def bench_env(out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
+             ):
     "Versions, threads, devices and working video backends of this machine."
     info = dict(versions=library_versions(), torch_threads=torch.get_num_threads(),
                 interop_threads=torch.get_num_interop_threads(), devices=devices(), video_backends=video_backends())
     for k, v in info.items(): print(f'{k:>16}: {v}')
     working = [k for k, v in info['video_backends'].items() if v == 'ok']
-    return record('env', info, torch=info['versions']['torch'], threads=info['torch_threads'],
+    return record('env', info, out_dir, torch=info['versions']['torch'], threads=info['torch_threads'],
                   devices=len(info['devices']), video_backends=','.join(working) or 'none')
 
 # %% ../nbs/12_bench.ipynb #bee02b62
 @benchmark('synthetic')
-def bench_synthetic(seed:int=0 # generator seed
+def bench_synthetic(seed:int=0, # generator seed
+                    out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                    ):
     "Write the default target and source synthetic sets and time each (wall and CPU seconds)."
     results = {}
@@ -157,7 +161,7 @@ def bench_synthetic(seed:int=0 # generator seed
             clips = sum(sum(c.values()) for c in summary['counts'].values())
             results[kind] = dict(clips=clips, wall_s=wall, cpu_s=cpu, clips_per_s=clips / wall)
             print(f"{kind:>7}: {clips} clips in {wall:.1f} s wall, {cpu:.1f} s CPU ({clips / wall:.1f} clips/s)")
-    return record('synthetic', results, target_s=results['target']['wall_s'], target_cpu_s=results['target']['cpu_s'],
+    return record('synthetic', results, out_dir, target_s=results['target']['wall_s'], target_cpu_s=results['target']['cpu_s'],
                   source_s=results['source']['wall_s'], source_cpu_s=results['source']['cpu_s'])
 
 # %% ../nbs/12_bench.ipynb #a145dad0
@@ -180,6 +184,7 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
                 root:str=None, # folder of the synthetic target set (made if missing); default: a temporary folder
                 threads:int=0, # torch CPU threads (0: torch's default)
                 quick:store_true=False, # seconds, for tests: a 7-clip set of 32x32 clips, 2 epochs
+                out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                ):
     "30 epochs of UAS head training, online (the paper) vs from a feature cache (extraction included)."
     if quick: epochs, clip_len, size = 2, 4, 32
@@ -206,7 +211,7 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
                    online_final_loss=online[-1]['loss'], cached_final_loss=cached[-1]['loss'])
     for k in ('dataset', 'clips', 'arch', 'clip', 'epochs', 'online_s', 'extract_s', 'head_s', 'cached_s', 'ratio', 'cpu_ratio'):
         print(f'{k:>10}: {results[k]:.4g}' if isinstance(results[k], float) else f'{k:>10}: {results[k]}')
-    return record('probe', results, arch=arch, clip=results['clip'], clips=len(data), epochs=epochs,
+    return record('probe', results, out_dir, arch=arch, clip=results['clip'], clips=len(data), epochs=epochs,
                   online_s=online_s, cached_s=cached_s, cpu_ratio=results['cpu_ratio'], ratio=results['ratio'])
 
 # %% ../nbs/12_bench.ipynb #7c1fc8c8
@@ -284,6 +289,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
                    size:str=None, # time this one clip size TxHxW instead (e.g. 8x64x64 for a smoke test)
                    batch:int=4, # clips per call when timing frozen feature extraction
                    gpu_batch:int=8, # clips per call for the bf16 throughput on a GPU
+                   out_dir:str=None, # folder for the results file (default: `figures/data` of the checkout)
                    compile:store_true=False # also time `torch.compile`d models one clip at a time (a GPU always times them at `gpu_batch`)
                   ):
     "Forward time of our backbone vs torchvision's at equal weights; feature extraction, bf16, compile, profile."
@@ -321,7 +327,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
     if device == 'cuda': out['gpu'] = _gpu_throughput(tv, ours, main_size, gpu_batch, dev, repeats)
     _print_backbone(out)
     head = out['sizes']['x'.join(map(str, main_size))]
-    return record('backbone', out, arch=arch, device=device, threads=threads, size='x'.join(map(str, main_size)),
+    return record('backbone', out, out_dir, arch=arch, device=device, threads=threads, size='x'.join(map(str, main_size)),
                   torchvision_s=head['torchvision_s'], uas_s=head['uas_s'], extract_clips_s=out['extract']['uas_clips_s'],
                   **({'gpu_bf16_clips_s': out['gpu']['uas_eager'], 'gpu_vs_tv_eager': out['gpu']['uas_eager'] / out['gpu']['tv_eager']}
                      if 'gpu' in out else {}),
@@ -412,7 +418,8 @@ def _mmaction_decode(path, indices):
 def bench_video(quick:store_true=False, # seconds, for tests: one 16-frame 64x48 clip, one timed round
                 sizes:str='320x240,1280x720', # clip sizes, WIDTHxHEIGHT, comma-separated
                 frames:int=64, # frames per clip
-                repeats:int=5 # timed rounds per comparison
+                repeats:int=5, # timed rounds per comparison
+                out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                ):
     "Clips per second decoded by open_video (decord, PyAV) and by the reference's decord calls: all frames and a 32x2 clip."
     sizes, frames, repeats = (['64x48'], 16, 1) if quick else (sizes.split(','), frames, repeats)
@@ -437,7 +444,7 @@ def bench_video(quick:store_true=False, # seconds, for tests: one 16-frame 64x48
                 for b, s in med.items(): headline[f'{b}_{size}_{mode}'] = 1 / s
     out['load_after'] = os.getloadavg()[0]
     lead = f"decord_{sizes[0]}_clip{clip_len}"
-    return record('video', out, clips_per_s=headline[lead], **headline, load=out['load_before'])
+    return record('video', out, out_dir, clips_per_s=headline[lead], **headline, load=out['load_before'])
 
 # %% ../nbs/12_bench.ipynb #993d9ce4
 @benchmark('pipeline')
@@ -446,7 +453,8 @@ def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64
                    frames:int=64, # frames per clip
                    names:str='mammalnet_train,mammalnet_test,chimpbehave_train,chimpbehave_test', # named pipelines
                    repeats:int=3, # timed rounds
-                   threads:int=1 # torch threads
+                   threads:int=1, # torch threads
+                   out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                   ):
     "Clips per second through the named train and test pipelines: decode, transform and both together."
     sizes, frames, repeats = (['64x48'], 16, 1) if quick else (sizes.split(','), frames, repeats)
@@ -478,7 +486,7 @@ def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64
     finally: torch.set_num_threads(old_threads)
     out['load_after'] = os.getloadavg()[0]
     lead = f"{names.split(',')[0]}_{sizes[0]}"
-    return record('pipeline', out, clips_per_s=headline[lead], **headline, threads=threads, load=out['load_before'])
+    return record('pipeline', out, out_dir, clips_per_s=headline[lead], **headline, threads=threads, load=out['load_before'])
 
 # %% ../nbs/12_bench.ipynb #d216e856
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
