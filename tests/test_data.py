@@ -1,12 +1,15 @@
 "Tests of uas.data: annotation formats (the official ChimpBehave lists included), datasets over good and broken clips, loaders and check_dataset."
 from pathlib import Path
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from conftest import ROOT
+from helpers import write_broken, write_ramp
 from uas.data import (AnnotationError, Annotations, ClipError, ClipSampler, Skip, VideoDataset, check_dataset, class_names,
                       collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names,
                       without_problems)
@@ -43,6 +46,20 @@ def test_chimpbehave_balanced_and_head_lists_parse():
         ann = cb(name)
         assert ann.skipped == [] and len(ann) > 500, name
 
+def test_chimpbehave_lists_name_no_clip_twice(caplog):
+    "No official list repeats a clip: `duplicates='raise'` reads each, with the counts and no warning."
+    counts = {}
+    for name in sorted(p.name for p in CB.glob('*.txt')):
+        ann = read_annotations(CB/name, classes='chimpbehave', duplicates='raise')
+        assert ann.skipped == [] and len({e.path for e in ann}) == len(ann), name
+        counts[name] = len(ann)
+    assert not [r for r in caplog.records if r.name == 'uas.data']
+    assert counts['CB_OOD_all_cls.txt'] == 9187 and counts['CB_OOD_head_cls.txt'] == 8990
+    for k in range(1, 6):
+        assert (counts[f'CB_train_cv{k}.txt'], counts[f'CB_test_cv{k}.txt']) == (7352, 1835)
+        balanced = [counts[f'CB_{split}_cv{k}_head_cls_balanced.txt'] for split in ('train', 'test')]
+        assert balanced == [2178, 543]
+
 # ---------------------------------------------------------------- mmaction lists
 def test_mmaction_paths_with_spaces_non_ascii_crlf_bom_tabs(tmp_path):
     lst = tmp_path/'list.txt'
@@ -54,23 +71,98 @@ def test_mmaction_paths_with_spaces_non_ascii_crlf_bom_tabs(tmp_path):
 
 def test_mmaction_bad_lines_named_with_file_and_line(tmp_path):
     lst = tmp_path/'bad.txt'
-    lst.write_bytes(b'ok.mp4 0\nnolabel.mp4\nx.mp4 1.5\ny.mp4 -1\nz.mp4 3\nok.mp4 0\nbad\xff.mp4 1\nfine.mp4 1\n')
+    lst.write_bytes(b'ok.mp4 0\nnolabel.mp4\nx.mp4 1.5\ny.mp4 -1\nz.mp4 3\nok.mp4 2\nbad\xff.mp4 1\nfine.mp4 1\nfine.mp4 1\n')
     with pytest.raises(AnnotationError) as e: read_annotations(lst, num_classes=3)
     msg = str(e.value)
     for no, text in [(2, 'expected "path label"'), (3, "label '1.5' is not an integer"), (4, 'label -1 out of range 0..2'),
-                     (5, 'label 3 out of range 0..2'), (6, 'duplicate of line 1'), (7, 'not UTF-8')]:
+                     (5, 'label 3 out of range 0..2'), (6, 'duplicate of line 1 (label 0, here 2)'), (7, 'not UTF-8')]:
         assert f'{lst}:{no}: {text}' in msg, (no, msg)
-    assert '6 bad line(s)' in msg
+    assert '6 bad line(s)' in msg and f'{lst}:9' not in msg  # a clip listed again with the same label is not a bad line
     ann = read_annotations(lst, num_classes=3, on_error='skip')
-    assert [e.path for e in ann] == ['ok.mp4', 'fine.mp4']
+    assert [e.path for e in ann] == ['ok.mp4', 'fine.mp4', 'fine.mp4']
     assert [int(s.where.rsplit(':', 1)[1]) for s in ann.skipped] == [2, 3, 4, 5, 6, 7]
     assert {s.status for s in ann.skipped} == {'bad entry'}
-    assert len(ann) + len(ann.skipped) == ann.listed == 8
+    assert len(ann) + len(ann.skipped) == ann.listed == 9
 
 def test_duplicate_with_another_label_is_reported_as_such(tmp_path):
     (tmp_path/'l.txt').write_text('a.mp4 0\nb.mp4 1\na.mp4 1\n')
     ann = read_annotations(tmp_path/'l.txt', on_error='skip')
     assert [s.reason for s in ann.skipped] == ['duplicate of line 1 (label 0, here 1)']
+    with pytest.raises(AnnotationError, match=r'l.txt:3: duplicate of line 1 \(label 0, here 1\)'):
+        read_annotations(tmp_path/'l.txt')
+    for mode in ('keep', 'drop', 'raise'):  # a contradiction, not a duplicate: `on_error` decides, not `duplicates`
+        ann = read_annotations(tmp_path/'l.txt', on_error='skip', duplicates=mode)
+        assert [e.where for e in ann] == [f'{tmp_path/"l.txt"}:1', f'{tmp_path/"l.txt"}:2'] and len(ann.skipped) == 1
+
+# ---------------------------------------------------------------- a clip listed twice with the same label
+def uas_warnings(caplog):
+    "The messages of the warnings that the `uas.data` logger gave."
+    return [r.getMessage() for r in caplog.records if r.name == 'uas.data' and r.levelno == logging.WARNING]
+
+@pytest.fixture
+def twice(tmp_path):
+    "A list naming `a.mp4` on lines 1 and 3 and `c.mp4` on lines 2 and 5, with the same labels."
+    (tmp_path/'l.txt').write_text('a.mp4 0\nc.mp4 1\na.mp4 0\nb.mp4 1\nc.mp4 1\n')
+    return tmp_path/'l.txt'
+
+def test_duplicates_are_kept_by_default_with_one_warning(twice, caplog):
+    ann = read_annotations(twice)
+    assert [(e.path, e.where) for e in ann] == [('a.mp4', f'{twice}:1'), ('c.mp4', f'{twice}:2'), ('a.mp4', f'{twice}:3'),
+                                                ('b.mp4', f'{twice}:4'), ('c.mp4', f'{twice}:5')]
+    assert ann.skipped == [] and ann.listed == 5 and ann.label_counts().tolist() == [2, 3]
+    [msg] = uas_warnings(caplog)
+    assert msg.startswith(f'{twice}: 2 line(s)') and 'line 3 repeats line 1, line 5 repeats line 2' in msg
+
+def test_two_listings_read_two_entries_with_a_warning(tmp_path, caplog):
+    (tmp_path/'l.txt').write_text('a.mp4 0\na.mp4 0\n')
+    assert len(read_annotations(tmp_path/'l.txt')) == 2 and len(uas_warnings(caplog)) == 1
+    assert len(read_annotations(tmp_path/'l.txt', duplicates='drop')) == 1
+
+def test_drop_keeps_the_first_listing_and_reports_the_rest(twice, caplog):
+    ann = read_annotations(twice, duplicates='drop')  # with on_error='raise': a dropped duplicate is not a bad line
+    assert [e.where for e in ann] == [f'{twice}:1', f'{twice}:2', f'{twice}:4']
+    assert ann.skipped == [Skip('a.mp4', f'{twice}:3', 'bad entry', 'duplicate of line 1'),
+                           Skip('c.mp4', f'{twice}:5', 'bad entry', 'duplicate of line 2')]
+    assert len(ann) + len(ann.skipped) == ann.listed == 5
+    [msg] = uas_warnings(caplog)
+    assert 'left out' in msg and 'line 3 repeats line 1' in msg
+
+def test_drop_sorts_its_skips_among_the_bad_lines(tmp_path):
+    (tmp_path/'l.txt').write_text('a.mp4 0\nb.mp4 x\na.mp4 0\nc.mp4 9\n')
+    ann = read_annotations(tmp_path/'l.txt', num_classes=2, on_error='skip', duplicates='drop')
+    assert [(s.where.rsplit(':', 1)[1], s.reason.split(',')[0]) for s in ann.skipped] == [
+        ('2', "label 'x' is not an integer"), ('3', 'duplicate of line 1'), ('4', 'label 9 out of range 0..1')]
+    assert ann.listed == 4
+
+def test_raise_names_both_lines_of_each_duplicate(twice):
+    with pytest.raises(AnnotationError) as e: read_annotations(twice, duplicates='raise')
+    msg = str(e.value)
+    assert msg.startswith(f'{twice}: 2 line(s) list a clip again with the same label')
+    assert f'{twice}:3: duplicate of line 1' in msg and f'{twice}:5: duplicate of line 2' in msg
+
+def test_many_duplicates_are_summarised(tmp_path, caplog):
+    (tmp_path/'l.txt').write_text(''.join(f'c{i % 2}.mp4 0\n' for i in range(30)))
+    assert len(read_annotations(tmp_path/'l.txt')) == 30
+    [msg] = uas_warnings(caplog)
+    assert msg.startswith(f'{tmp_path/"l.txt"}: 28 line(s)') and msg.endswith('line 7 repeats line 1 and 23 more')
+    with pytest.raises(AnnotationError, match=r'28 line\(s\)[\s\S]*and 8 more'):
+        read_annotations(tmp_path/'l.txt', duplicates='raise')
+
+def test_mammalnet_duplicate_is_same_behaviour_and_animal(tmp_path, caplog):
+    (tmp_path/'l.txt').write_text('a.mp4 1 7\nb.mp4 0 7\na.mp4 1 7\na.mp4 1 8\na.mp4 0 7\n')
+    ann = read_annotations(tmp_path/'l.txt', on_error='skip')
+    assert ann.fmt == 'mammalnet' and [e.where.rsplit(':', 1)[1] for e in ann] == ['1', '2', '3']
+    assert [s.reason for s in ann.skipped] == ['duplicate of line 1 (animal 7, here 8)',
+                                               'duplicate of line 1 (label 1, here 0)']
+    assert len(uas_warnings(caplog)) == 1
+    dropped = read_annotations(tmp_path/'l.txt', on_error='skip', duplicates='drop')
+    assert [e.where.rsplit(':', 1)[1] for e in dropped] == ['1', '2']
+
+def test_a_folder_has_no_duplicates(tmp_path, caplog):
+    for p in ('x/a.mp4', 'y/a.mp4'):
+        (tmp_path/p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path/p).write_bytes(b'x')
+    assert len(read_annotations(tmp_path, duplicates='raise')) == 2 and not uas_warnings(caplog)
 
 def test_many_bad_lines_are_summarised(tmp_path):
     (tmp_path/'l.txt').write_text('good.mp4 0\n' + ''.join(f'c{i}.mp4 x\n' for i in range(30)))
@@ -93,6 +185,8 @@ def test_class_names_and_num_classes_must_agree(tmp_path):
 def test_bad_arguments(tmp_path):
     (tmp_path/'l.txt').write_text('a.mp4 0\n')
     with pytest.raises(ValueError, match='on_error'): read_annotations(tmp_path/'l.txt', on_error='ignore')
+    with pytest.raises(ValueError, match="duplicates must be 'keep', 'drop' or 'raise'"):
+        read_annotations(tmp_path/'l.txt', duplicates='skip')
     with pytest.raises(ValueError, match='unknown annotation format'): read_annotations(tmp_path/'l.txt', fmt='csv')
     with pytest.raises(FileNotFoundError, match='nowhere'): read_annotations(tmp_path/'nowhere.txt')
     write_video(tmp_path/'v.mp4', np.zeros((2, 16, 16, 3), np.uint8))
@@ -128,21 +222,6 @@ def test_class_map_files(tmp_path):
     with pytest.raises(AnnotationError, match="id 0 is given to both 'a' and 'b'"): read_class_names(tmp_path/'dup.txt')
 
 # ---------------------------------------------------------------- folders of class folders
-def tiny(path, n=8, size=32):
-    "A tiny h264 clip whose frame t has brightness 20 + 20*t."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = np.broadcast_to((20 + 20*np.arange(n, dtype=np.uint8))[:, None, None, None], (n, size, size, 3))
-    return write_video(path, frames)
-
-def broken(folder):
-    "Zero bytes, text named .mp4, a truncated mp4: their paths."
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder/'empty.mp4').write_bytes(b'')
-    (folder/'text.mp4').write_text('not a video\n')
-    data = tiny(folder/'cut.mp4').read_bytes()
-    (folder/'cut.mp4').write_bytes(data[:len(data)//2])
-    return [folder/'empty.mp4', folder/'text.mp4', folder/'cut.mp4']
-
 def test_folder_layout_and_what_it_leaves_out(tmp_path):
     root = tmp_path/'clips'
     for p in ('zebra/z.mp4', 'ape/cam 1/ü.MP4', 'ape/a.gif', 'Bear/b.mkv'): (root/p).parent.mkdir(parents=True, exist_ok=True); (root/p).write_bytes(b'x')
@@ -171,8 +250,8 @@ def mixed(tmp_path):
     "A class folder with three good clips and the broken files; (root, good relative paths, broken relative paths)."
     root = tmp_path/'clips'
     good = ['run/a.mp4', 'run/b é x.mp4', 'sit/c.mp4', 'sit/d.mp4']
-    for g in good: tiny(root/g)
-    bad = [p.relative_to(root).as_posix() for p in broken(root/'sit')]
+    for g in good: write_ramp(root/g)
+    bad = [p.relative_to(root).as_posix() for p in write_broken(root/'sit')]
     return root, good, bad
 
 def test_skip_run_yields_every_good_clip_and_reports_every_broken_one(mixed, tmp_path):
@@ -296,8 +375,8 @@ def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):
     assert sorted(problems.path) == sorted(ds.skip_report().path)
     assert dict(zip(problems.path, problems.status)) == dict(zip(ds.skip_report().path, ds.skip_report().status))
     assert summary.index.tolist() == ['run', 'sit', 'total']
-    assert summary.loc['run'].to_dict() | {} == dict(listed=2, ok=2, missing=0, unreadable=0, too_short=0, bad_entry=0,
-                                                     frames_min=8, frames_median=8, frames_max=8)
+    assert summary.loc['run'].to_dict() == dict(listed=2, ok=2, missing=0, unreadable=0, too_short=0, bad_entry=0,
+                                                duplicate=0, frames_min=8, frames_median=8, frames_max=8)
     assert summary.loc['sit', ['listed', 'ok', 'unreadable']].tolist() == [5, 2, 3]
     assert summary.loc['total', ['listed', 'ok', 'unreadable', 'bad_entry']].tolist() == [8, 4, 3, 1]
     cols = ['ok', 'missing', 'unreadable', 'too_short', 'bad_entry']
@@ -305,13 +384,47 @@ def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):
 
 def test_check_dataset_of_a_list_missing_short_and_bad_lines(mixed, tmp_path):
     root, good, _ = mixed
-    tiny(root/'short.mp4', n=3)
+    write_ramp(root/'short.mp4', n=3)
     (tmp_path/'l.txt').write_text(f'{good[0]} 0\nshort.mp4 1\ngone.mp4 1\n{good[2]} x\n')
     summary = check_dataset(tmp_path/'l.txt', data_prefix=root, min_frames=4, classes=['run', 'sit'])
     assert summary.loc['sit', ['listed', 'ok', 'missing', 'too_short']].tolist() == [2, 0, 1, 1]
     assert summary.loc['total', ['listed', 'bad_entry']].tolist() == [4, 1]
     assert summary.attrs['problems'].status.tolist() == ['bad entry', 'too short', 'missing']
     assert probe_clip(root/'short.mp4', min_frames=4) == ('too short', 3, '3 frames, fewer than 4')
+
+def test_check_dataset_reports_duplicates(mixed, tmp_path):
+    root, good, bad = mixed
+    (tmp_path/'l.txt').write_text(f'{good[0]} 0\n{bad[0]} 1\n{good[0]} 0\n{bad[0]} 1\n{good[2]} 1\n')
+    summary = check_dataset(tmp_path/'l.txt', data_prefix=root, classes=['run', 'sit'])
+    assert summary.loc['run', ['listed', 'ok', 'duplicate']].tolist() == [2, 2, 1]
+    assert summary.loc['sit', ['listed', 'ok', 'unreadable', 'duplicate']].tolist() == [3, 1, 2, 1]
+    assert summary.loc['total', ['listed', 'ok', 'unreadable', 'bad_entry', 'duplicate']].tolist() == [5, 3, 2, 0, 2]
+    lst = tmp_path/'l.txt'
+    assert summary.attrs['duplicates'].values.tolist() == [[good[0], f'{lst}:3', f'{lst}:1'],
+                                                           [bad[0], f'{lst}:4', f'{lst}:2']]
+    assert summary.attrs['problems']['where'].tolist() == [f'{lst}:2', f'{lst}:4']  # one problem per listing
+    dropped = check_dataset(tmp_path/'l.txt', data_prefix=root, classes=['run', 'sit'], duplicates='drop')
+    assert dropped.loc['total', ['listed', 'ok', 'unreadable', 'bad_entry', 'duplicate']].tolist() == [5, 2, 1, 2, 0]
+    assert dropped.attrs['duplicates'].empty
+    assert set(dropped.attrs['problems'].reason) >= {'duplicate of line 1', 'duplicate of line 2'}
+
+def test_a_clip_listed_twice_is_loaded_twice_and_reported_per_line(mixed, tmp_path):
+    root, good, bad = mixed
+    lst = tmp_path/'l.txt'
+    lst.write_text(f'{good[0]} 0\n{bad[0]} 1\n{good[0]} 0\n{bad[0]} 1\n{good[2]} 1\n')
+    ds = VideoDataset(lst, root, get_pipeline('chimpbehave_train', **SMALL), on_error='skip', work_dir=tmp_path/'w')
+    assert len(ds) == 5
+    for epoch in range(2):
+        loader = make_loader(ds, batch_size=2, num_workers=1, seed=3)
+        loader.set_epoch(epoch)
+        seen = sorted(i for b in loader for i in b['index'].tolist())
+        assert seen == [0, 2, 4]  # both listings of good[0], every epoch
+    report = pd.read_csv(tmp_path/'w'/'skipped_l.csv')
+    assert report['where'].tolist() == [f'{lst}:2', f'{lst}:4'] and report['index'].tolist() == [1, 3]
+    a, b = ds[0, 5]['clip'], ds[2, 6]['clip']  # each listing draws its own augmentation
+    assert a.shape == b.shape and not torch.equal(a, b)
+    clean = without_problems(ds.annotations, check_dataset(ds))
+    assert [e.where for e in clean] == [f'{lst}:1', f'{lst}:3', f'{lst}:5'] and clean.listed == 5
 
 def test_raise_mode_in_a_worker_names_the_line(mixed, tmp_path):
     root, good, bad = mixed

@@ -48,6 +48,8 @@ class AnnotationError(ValueError):
 class ClipError(RuntimeError):
     "A listed clip that cannot be used; the message names the list, the line and the clip file."
 
+_log = logging.getLogger('uas.data')
+
 # %% ../nbs/01_data.ipynb #b323964b
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.mov', '.webm', '.gif')
 CHIMPBEHAVE_CLASSES = ('sitting', 'standing', 'walking', 'hanging', 'climbing_up', 'climbing_down', 'running')
@@ -160,6 +162,8 @@ def find_behavior_map(list_path) -> Path:
         if (cand/'behavior_to_id.txt').is_file(): return cand/'behavior_to_id.txt'
 
 # %% ../nbs/01_data.ipynb #2d6bcd48
+def _line(where): return int(where.rsplit(':', 1)[1])
+
 def _read_list(path, fmt, names, num_classes):
     "Entries, problems (`Skip`s) and class names of an mmaction or MammalNet list."
     found, problems, first = [], [], {}
@@ -173,11 +177,12 @@ def _read_list(path, fmt, names, num_classes):
         if isinstance(parsed, str):
             problems.append(Skip(line, where, 'bad entry', f'{parsed}, got {line!r}')); continue
         clip, label, animal = parsed
-        if clip in first:
-            other = found[first[clip]]
-            same = 'the same label' if other.label == label else f'label {other.label}, here {label}'
-            problems.append(Skip(clip, where, 'bad entry', f'duplicate of line {other.where.rsplit(":", 1)[1]} ({same})')); continue
-        first[clip] = len(found)
+        other = found[first[clip]] if clip in first else None
+        if other is not None and (other.label, other.animal) != (label, animal):
+            field, was, now = ('label', other.label, label) if other.label != label else ('animal', other.animal, animal)
+            reason = f'duplicate of line {_line(other.where)} ({field} {was}, here {now})'
+            problems.append(Skip(clip, where, 'bad entry', reason)); continue
+        first.setdefault(clip, len(found))
         found.append(Entry(clip, label, where, animal))
     n = num_classes if num_classes is not None else len(names) if names else None
     entries = []
@@ -187,8 +192,49 @@ def _read_list(path, fmt, names, num_classes):
         else: entries.append(e)
     if names is None:
         names = [str(i) for i in range(n if n is not None else max((e.label for e in entries), default=-1) + 1)]
-    problems.sort(key=lambda s: int(s.where.rsplit(':', 1)[1]))
+    problems.sort(key=lambda s: _line(s.where))
     return entries, problems, names
+
+# %% ../nbs/01_data.ipynb #0ca6b72c
+def _repeats(entries:list # entries of one list, contradicting listings already left out
+            ) -> list:
+    "`(first, again)` for each entry whose clip an earlier entry already lists."
+    first, pairs = {}, []
+    for e in entries:
+        if e.path in first: pairs.append((first[e.path], e))
+        else: first[e.path] = e
+    return pairs
+
+# %% ../nbs/01_data.ipynb #70869758
+def _listing(skips:list, # `Skip`s of lines, in list order
+             n:int=20 # how many to show
+            ) -> str:
+    "The first `n` skips as indented `where: reason` lines, and how many more there are."
+    more = f'\n  ... and {len(skips) - n} more' if len(skips) > n else ''
+    return '\n'.join(f'  {s.where}: {s.reason}' for s in skips[:n]) + more
+
+def _apply_duplicates(path, # the list file, for the messages
+                      entries:list, # its entries, in list order
+                      skipped:list, # its skipped lines, in list order
+                      duplicates:str # 'keep', 'drop' or 'raise'
+                     ) -> tuple:
+    "`(entries, skipped)` with the list's exact duplicates kept, dropped into `skipped`, or refused (`AnnotationError`)."
+    pairs = _repeats(entries)
+    if not pairs: return entries, skipped
+    again = [Skip(e.path, e.where, 'bad entry', f'duplicate of line {_line(f.where)}') for f, e in pairs]
+    if duplicates == 'raise':
+        raise AnnotationError(f'{path}: {len(again)} line(s) list a clip again with the same label '
+                              f'(duplicates="keep" reads each listing, "drop" the first only):\n{_listing(again)}')
+    shown = ', '.join(f'line {_line(e.where)} repeats line {_line(f.where)}' for f, e in pairs[:5])
+    shown += f' and {len(pairs) - 5} more' if len(pairs) > 5 else ''
+    if duplicates == 'keep':
+        _log.warning(f'{path}: {len(pairs)} line(s) list a clip again with the same label; each listing is read, so '
+                     f'such a clip is sampled once per listing (duplicates="drop" keeps the first only): {shown}')
+        return entries, skipped
+    _log.warning(f'{path}: {len(pairs)} line(s) list a clip again with the same label and are left out '
+                 f'(duplicates="drop"): {shown}')
+    later = {e for _, e in pairs}
+    return [e for e in entries if e not in later], sorted(skipped + again, key=lambda s: _line(s.where))
 
 # %% ../nbs/01_data.ipynb #2dbcf723
 def _is_video(path): return path.suffix.lower() in VIDEO_EXTENSIONS
@@ -219,10 +265,13 @@ def read_annotations(path, # an mmaction or MammalNet list file, or a folder of 
                      fmt:str=None, # 'mmaction', 'mammalnet' or 'folder'; detected when None
                      num_classes:int=None, # labels must lie in 0..num_classes-1 (default: the class names' count)
                      classes=None, # class names: a list, a known dataset ('chimpbehave') or a label map file
-                     on_error:str='raise' # 'raise' an `AnnotationError` listing every bad line, or 'skip' (and report) them
+                     on_error:str='raise', # 'raise' an `AnnotationError` listing every bad line, or 'skip' (and report) them
+                     duplicates:str='keep' # a clip listed again with the same label: 'keep' each listing, 'drop' or 'raise'
                     ) -> Annotations:
     "Labelled clips of an annotation list or class folder, with class names and every line or file left out."
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if duplicates not in ('keep', 'drop', 'raise'):
+        raise ValueError(f"duplicates must be 'keep', 'drop' or 'raise', not {duplicates!r}")
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt not in ('mmaction', 'mammalnet', 'folder'): raise ValueError(f'unknown annotation format {fmt!r}')
@@ -231,14 +280,12 @@ def read_annotations(path, # an mmaction or MammalNet list file, or a folder of 
     if fmt == 'folder': entries, skipped, names = _read_folder(path, names)
     else: entries, skipped, names = _read_list(path, fmt, names, num_classes)
     if on_error == 'raise' and fmt != 'folder' and skipped:
-        shown = '\n'.join(f'  {s.where}: {s.reason}' for s in skipped[:20])
-        more = f'\n  ... and {len(skipped) - 20} more' if len(skipped) > 20 else ''
-        raise AnnotationError(f'{path}: {len(skipped)} bad line(s) (on_error="skip" leaves them out):\n{shown}{more}')
+        raise AnnotationError(f'{path}: {len(skipped)} bad line(s) (on_error="skip" leaves them out):\n{_listing(skipped)}')
+    entries, skipped = _apply_duplicates(path, entries, skipped, duplicates)
     if not entries: raise AnnotationError(f'{path}: no usable clips ({len(skipped)} lines or files left out)')
     return Annotations(entries, names, fmt, path, skipped)
 
 # %% ../nbs/01_data.ipynb #cfe7f92c
-_log = logging.getLogger('uas.data')
 SKIP_COLUMNS = ['path', 'where', 'status', 'reason', 'index']
 
 class SkipReport:
@@ -431,7 +478,8 @@ STATUSES = ['ok', 'missing', 'unreadable', 'too short']
 def _summary_row(clips, bad_entries=0):
     ok = clips.frames[clips.status == 'ok']
     return {'listed': len(clips) + bad_entries, **{s.replace(' ', '_'): int((clips.status == s).sum()) for s in STATUSES},
-            'bad_entry': bad_entries, 'frames_min': ok.min(), 'frames_median': ok.median(), 'frames_max': ok.max()}
+            'bad_entry': bad_entries, 'duplicate': int(clips.duplicate.sum()), 'frames_min': ok.min(),
+            'frames_median': ok.median(), 'frames_max': ok.max()}
 
 def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file or folder
                   data_prefix=None, # the folder relative clip paths start from (default: the annotations' root)
@@ -440,20 +488,27 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                   progress:bool=False, # show a progress bar (a check of thousands of clips takes minutes)
                   **read_kw # passed to `read_annotations` (with `on_error='skip'`) when `annotations` is a path
                  ) -> pd.DataFrame:
-    "Per-class summary of a dataset: clips listed, ok, missing, unreadable, too short; problems in `.attrs['problems']`."
+    "Per-class summary of a dataset: clips listed, ok, missing, unreadable, too short, duplicate; problems in `.attrs`."
     if isinstance(annotations, VideoDataset): annotations, data_prefix = annotations.annotations, annotations.data_prefix
     elif not isinstance(annotations, Annotations): annotations = read_annotations(annotations, on_error='skip', **read_kw)
     prefix = Path(data_prefix) if data_prefix is not None else annotations.root
     paths = [clip_file(e.path, prefix) for e in annotations]
-    probes = list(tqdm(DataLoader(_Probe(paths, min_frames), batch_size=None, num_workers=num_workers), total=len(paths),
-                       desc='checking clips', disable=not progress))
-    clips = pd.DataFrame([(e.label, s, n) for e, (s, n, _) in zip(annotations, probes)], columns=['label', 'status', 'frames'])
+    files = list(dict.fromkeys(paths))
+    probed = dict(zip(files, tqdm(DataLoader(_Probe(files, min_frames), batch_size=None, num_workers=num_workers),
+                                  total=len(files), desc='checking clips', disable=not progress)))
+    probes = [probed[p] for p in paths]
+    repeats = _repeats(annotations.entries)
+    again = {e for _, e in repeats}
+    clips = pd.DataFrame([(e.label, s, n, e in again) for e, (s, n, _) in zip(annotations, probes)],
+                         columns=['label', 'status', 'frames', 'duplicate'])
     rows = {c: _summary_row(clips[clips.label == i]) for i, c in enumerate(annotations.classes)}
     rows['total'] = _summary_row(clips, len(annotations.skipped))
     summary = pd.DataFrame.from_dict(rows, orient='index').rename_axis('class')
     problems = [asdict(s) for s in annotations.skipped] + [dict(path=e.path, where=e.where, status=s, reason=r, index=i)
                                                           for i, (e, (s, _, r)) in enumerate(zip(annotations, probes)) if s != 'ok']
     summary.attrs['problems'] = pd.DataFrame(problems, columns=SKIP_COLUMNS)
+    summary.attrs['duplicates'] = pd.DataFrame([(e.path, e.where, f.where) for f, e in repeats],
+                                               columns=['path', 'where', 'first'])
     return summary
 
 # %% ../nbs/01_data.ipynb #a21aa95c
