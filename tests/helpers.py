@@ -36,6 +36,18 @@ def write_ramp(path, n=8, size=32):
     return write_video(path, ramp_frames(n, size))
 
 
+def write_clip_list(folder, n:int, num_classes:int, seed:int=0):
+    """`n` 8-frame 32x32 mp4 clips `clip {i}.mp4` in `folder`, clip i of class `i % num_classes` (brighter for a higher
+    class, over noise drawn from `seed`), listed as `path label` lines in `folder/train.txt`; returns the lines."""
+    folder, rng, step = Path(folder), np.random.default_rng(seed), 256 // num_classes
+    lines = []
+    for i in range(n):
+        frames = (rng.integers(0, step, (8, 32, 32, 3)) + step * (i % num_classes)).astype(np.uint8)
+        lines.append(f'{write_video(folder/f"clip {i}.mp4", frames, fps=8).name} {i % num_classes}')
+    (folder/'train.txt').write_text('\n'.join(lines) + '\n')
+    return lines
+
+
 def write_broken(folder):
     "Three clips no reader can use in `folder`: zero bytes, text named .mp4, a truncated mp4; their paths."
     folder = Path(folder)

@@ -4,8 +4,11 @@ import json, warnings
 import pytest
 import torch
 
+from helpers import write_clip_list
 from uas.backbone import swin3d_mini
+from uas.data import VideoDataset
 from uas.features import (CacheMismatchError, FeatureCache, GuardedClips, cache_identity, extract_features, weights_hash)
+from uas.video import get_pipeline
 
 
 class Clips(torch.utils.data.Dataset):
@@ -140,22 +143,13 @@ def test_missing_cache_is_a_clear_error(tmp_path):
 
 
 # Real files through `uas.data.VideoDataset` and `uas.video` pipelines.
-import numpy as np
-from uas.data import VideoDataset
-from uas.video import get_pipeline, write_video
-
 
 @pytest.fixture(scope='module')
 def video_list(tmp_path_factory):
-    "Six 8-frame 32x32 mp4 clips listed in `train.txt`, the fourth of them a truncated file."
+    "Six 8-frame 32x32 mp4 clips of two classes listed in `train.txt`, the fourth of them a truncated file."
     root = tmp_path_factory.mktemp('videos')
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(6):
-        path = write_video(root/f'clip {i}.mp4', rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), fps=8)
-        if i == 3: path.write_bytes(path.read_bytes()[:200])
-        lines.append(f'{path.name} {i % 2}')
-    (root/'train.txt').write_text('\n'.join(lines) + '\n')
+    write_clip_list(root, 6, 2)
+    (root/'clip 3.mp4').write_bytes((root/'clip 3.mp4').read_bytes()[:200])
     return root/'train.txt'
 
 

@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_clip_list
 from uas.data import VideoDataset
 from uas.features import CacheMismatchError, extract_features
 from uas.model import build_recognizer
 from uas.train import evaluate_cached, evaluate_online, seed_everything, train_head_cached, train_head_online
-from uas.video import get_pipeline, write_video
+from uas.video import get_pipeline
 
 EPOCHS = 5
 SETTINGS = dict(batch_size=2, update_interval=2, device='cpu', progress=False)
@@ -17,13 +18,8 @@ SETTINGS = dict(batch_size=2, update_interval=2, device='cpu', progress=False)
 def clips(tmp_path_factory):
     "Seven 8-frame 32x32 mp4 clips (three classes by brightness) in `train.txt`; `broken.txt` adds a truncated one."
     root = tmp_path_factory.mktemp('probe')
-    rng = np.random.default_rng(1)
-    lines = []
-    for i in range(7):
-        frames = rng.integers(0, 80, (8, 32, 32, 3)) + 80 * (i % 3)
-        lines.append(f'{write_video(root/f"clip_{i}.mp4", frames.astype(np.uint8), fps=8).name} {i % 3}')
-    (root/'bad.mp4').write_bytes((root/'clip_0.mp4').read_bytes()[:300])
-    (root/'train.txt').write_text('\n'.join(lines) + '\n')
+    lines = write_clip_list(root, 7, 3, seed=1)
+    (root/'bad.mp4').write_bytes((root/'clip 0.mp4').read_bytes()[:300])
     (root/'broken.txt').write_text('\n'.join(lines[:3] + ['bad.mp4 1'] + lines[3:]) + '\n')
     return root
 
