@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uas.video import write_video
+from uas.data import read_annotations
+from uas.video import open_video, write_video
 
 
 def numbered_frames(n, height=32, width=64):
@@ -23,6 +24,36 @@ def frame_numbers(frames):
     width = frames.shape[2]
     centres = frames[:, frames.shape[1] // 2, width // 16::width // 8, 0]
     return ((centres > 127) << np.arange(8)).sum(1)
+
+
+COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255],
+                    [0, 0, 0], [128, 128, 128], [255, 255, 0], [40, 90, 200]], np.uint8)
+
+
+def colour_blocks(n, height=16):
+    "n frames of eight flat 16-pixel-wide blocks, one per colour of `COLOURS`."
+    return np.broadcast_to(np.repeat(COLOURS, 16, axis=0)[None, None], (n, height, 128, 3)).copy()
+
+
+def block_colours(frames):
+    "The colour at the centre of each block of `colour_blocks` frames, as ints `[T, 8, 3]`."
+    return frames[:, frames.shape[1] // 2, 8::16].astype(int)
+
+
+def decode_all(path):
+    "Every frame of the video at `path`, uint8 `[T, H, W, 3]`."
+    with open_video(path) as video: return video.get_frames(range(len(video)))
+
+
+def read_list(path):
+    "The `(path, label)` pairs of an mmaction list, in order."
+    return [(e.path, e.label) for e in read_annotations(path)]
+
+
+def counts_follow_weights(counts, weights, total:int, floor:int=8) -> bool:
+    "Whether every class count lies within one clip of its share of `total` by `weights`, or sits at `floor`."
+    counts, share = np.asarray(counts), np.asarray(weights, float) / sum(weights) * total
+    return bool(((np.abs(counts - share) <= 1) | ((counts == floor) & (share < floor))).all())
 
 
 def ramp_frames(n=8, size=32):

@@ -1,4 +1,4 @@
-"""Video reading (issue 15): the files users bring, each with its expected outcome, under a time limit.
+"""Video reading: the files users bring, each with its expected outcome, under a time limit.
 
 Every file is written here by PyAV. Good files must come back with the right frame count, size, colours and
 frame order from every backend that can read them; broken files must raise `VideoReadError` naming the file,
@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 import uas.video as video
-from uas.video import BACKENDS, VideoReadError, open_video, write_video
+from helpers import COLOURS, block_colours, colour_blocks, frame_numbers, numbered_frames
+from uas.video import BACKENDS, VideoReadError, open_video, to_yuv420p, write_video
 
-COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255],
-                    [0, 0, 0], [128, 128, 128], [255, 255, 0], [40, 90, 200]], np.uint8)
 YUV420_TOLERANCE = 3  # RGB -> BT.601 YUV 4:2:0 -> RGB on flat blocks: rounding only
 
 
@@ -30,27 +29,6 @@ def time_limit(seconds):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def numbered_frames(n, height=32, width=64):
-    "Frames whose eight vertical bars spell their index in binary (bar b white when bit b is set)."
-    bits = (np.arange(n)[:, None] >> np.arange(8)) & 1
-    bars = np.repeat(bits * 255, width // 8, axis=1).astype(np.uint8)
-    return np.broadcast_to(bars[:, None, :, None], (n, height, width, 3)).copy()
-
-
-def frame_numbers(frames):
-    width = frames.shape[2]
-    return ((frames[:, frames.shape[1] // 2, width // 16::width // 8, 0] > 127) << np.arange(8)).sum(1)
-
-
-def colour_blocks(n, height=16):
-    "n frames of eight flat 16-pixel blocks, one per colour; frame i also carries i in its last row's blue."
-    frames = np.broadcast_to(np.repeat(COLOURS, 16, axis=0)[None, None], (n, height, 128, 3)).copy()
-    return frames
-
-
-def block_colours(frames): return frames[:, frames.shape[1] // 2, 8::16].astype(int)
 
 
 def flat_frames(n, height, width):
@@ -120,6 +98,43 @@ def test_good_files(files, key, n, height, width, backends):
             else: assert frame_numbers(frames).tolist() == list(range(n)), backend
             backwards = reader.get_frames(list(range(n))[::-1])
             assert (backwards == frames[::-1]).all()
+
+
+def bt601_planes(frame):
+    "yuv420p planes of an RGB frame from BT.601's definition in float64: `to_yuv420p` written another way."
+    kr, kb = 0.299, 0.114
+    kg = 1 - kr - kb
+    rows = np.array([[kr, kg, kb], [-kr, -kg, 1 - kb], [1 - kr, -kg, -kb]])
+    scale = np.array([219, 224 / (2 * (1 - kb)), 224 / (2 * (1 - kr))]) / 255  # limited: Y 16-235, Cb, Cr 16-240
+    matrix = np.round(rows * scale[:, None] * 65536)  # 16-bit fixed point, as the library states
+    matrix[1:, 1] = -matrix[1:, 0] - matrix[1:, 2]  # chroma rows sum to zero: greys keep Cb = Cr = 128
+    rgb = frame.astype(np.float64)
+    H, W, _ = rgb.shape
+    means = rgb.reshape(H // 2, 2, W // 2, 2, 3).mean(axis=(1, 3))  # chroma from 2x2 blocks
+    planes = [rgb @ matrix[0] / 65536 + 16, means @ matrix[1] / 65536 + 128, means @ matrix[2] / 65536 + 128]
+    return np.concatenate([np.floor(p + 0.5).ravel() for p in planes]).reshape(H * 3 // 2, W)  # rounded half up
+
+
+def test_yuv420p_planes_follow_bt601():
+    "Equal, not close: float64 holds these sums of integers and quarters over 65536 without error."
+    rng = np.random.default_rng(0)
+    blocks = np.repeat(np.repeat(COLOURS[None], 2, axis=0), 2, axis=1)  # a 2x2 block of each colour
+    for frame in [*rng.integers(0, 256, (3, 16, 32, 3), dtype=np.uint8), blocks]:
+        assert (to_yuv420p(frame) == bt601_planes(frame)).all()
+    white, black, grey = (to_yuv420p(np.full((2, 2, 3), v, np.uint8)).ravel().tolist() for v in (255, 0, 128))
+    assert white == [235] * 4 + [128] * 2 and black == [16] * 4 + [128] * 2 and grey[4:] == [128] * 2
+
+
+def test_encoder_gets_exactly_these_planes(tmp_path):
+    "Lossless x264 (qp=0) stores the planes it is handed: decoded in yuv420p, they are `to_yuv420p` of the frames."
+    frames = np.random.default_rng(1).integers(0, 256, (4, 16, 32, 3), dtype=np.uint8)
+    path = write_video(tmp_path/'lossless.mp4', frames, qp=0)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        assert (context.color_range, context.colorspace) == (1, 6)  # limited range, BT.601
+        decoded = np.stack([f.to_ndarray() for f in container.decode(stream)])
+    assert (decoded == np.stack([to_yuv420p(f) for f in frames])).all()
 
 
 def test_decord_refuses_what_the_fallback_reads(files):

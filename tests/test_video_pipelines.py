@@ -1,4 +1,4 @@
-"""The paper's named pipelines (issue 16) on real video files: the shapes the model takes, the frames each view
+"""The paper's named pipelines on real video files: the shapes the model takes, the frames each view
 holds, and the values of the views.
 
 Each clip is written by PyAV with flat frames whose colour encodes the frame number (red = 12 * (i // 16),
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from uas.video import MEAN, STD, get_pipeline, pipeline_names, sample_frames, write_video
+from uas.video import MEAN, STD, RandomResizedCrop, get_pipeline, pipeline_names, sample_frames, write_video
 
-SHAPES = {  # views, channels, frames, height, width: DESIGN.md section 3
+SHAPES = {  # views, channels, frames, height, width: the reference configs (mmaction2 0.x, Video Swin's fork)
     'chimpbehave_train': (1, 3, 32, 224, 224), 'chimpbehave_val': (1, 3, 32, 224, 224), 'chimpbehave_test': (3, 3, 32, 224, 224),
     'mammalnet_train': (1, 3, 32, 224, 224), 'mammalnet_val': (1, 3, 32, 224, 224), 'mammalnet_test': (12, 3, 32, 224, 224),
     'k700_diff_train': (1, 3, 32, 224, 224), 'k700_diff_val': (1, 3, 32, 224, 224), 'k700_diff_test': (12, 3, 32, 224, 224),
@@ -88,6 +88,18 @@ def test_small_overrides_for_the_synthetic_experiment(clips):
     assert tuple(views.shape) == (1, 3, 8, 56, 56)
     views = get_pipeline('k700_diff_test', clip_len=8, num_clips=2, crop_size=64)(clips['other'])
     assert tuple(views.shape) == (6, 3, 8, 64, 64)
+
+
+BAD_RANGES = [dict(area_range=(0.5, 1.5)), dict(area_range=(0, 1)), dict(area_range=(0.9, 0.5)),
+              dict(area_range=(0.5,)), dict(aspect_ratio_range=(4 / 3, 3 / 4)), dict(aspect_ratio_range=(-1, 1))]
+
+
+@pytest.mark.parametrize('kw', BAD_RANGES, ids=str)
+def test_bad_crop_ranges_fail_when_built(kw):
+    "mmaction 0.x asserts 0 < low <= high (<= 1 for the area); here building the step fails, naming the argument."
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f'^{name} must be'): RandomResizedCrop(**kw)
+    with pytest.raises(ValueError, match=f'^{name} must be'): get_pipeline('mammalnet_train', **kw)
 
 
 def test_pipeline_pickles_for_dataloader_workers(clips):

@@ -18,7 +18,7 @@ import numpy as np
 from .video import write_video
 
 # %% ../nbs/01b_synthetic.ipynb #c005
-GENERATOR_VERSION = 1 # bump on any change that alters the clips or the lists; the changelog in nbs/01b_synthetic.ipynb says why
+GENERATOR_VERSION = 2 # bump on any change that alters the clips or the lists; the changelog in nbs/01b_synthetic.ipynb says why
 
 # %% ../nbs/01b_synthetic.ipynb #c007
 SOURCE_ACTIONS = ('move_left', 'move_right', 'move_up', 'move_down', 'rotate_clockwise', 'rotate_anticlockwise',
@@ -367,7 +367,7 @@ def write_clip(path, # the mp4 file to write; parent folders are created
                fps:int=16, # frames per second
                crf:int=18 # x264 quality: lower is better and larger
               ) -> Path:
-    "Encode `frames` as a reproducible H.264 mp4 (yuv420p, one encoder thread)."
+    "Encode `frames` as a reproducible H.264 mp4 (yuv420p made by `to_yuv420p`, one x264 thread)."
     T, H, W, C = frames.shape
     if H % 2 or W % 2: raise ValueError(f'{path}: H.264 in yuv420p needs even frame sizes, got {H}x{W}')
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ DEFAULT_SPLITS = dict(source=dict(train=192, val=96, test=96), target=dict(train
 
 def make_synthetic(root, # folder to write the set into
                    kind:str='source', # 'source' (SOURCE_ACTIONS) or 'target' (TARGET_BEHAVIOURS)
-                   seed:int=0, # the set's seed: the same seed gives the same files
+                   seed:int=0, # the set's seed: on one machine the same seed gives the same files
                    classes=None, # a subset of the kind's class names, in label order (default: all)
                    class_weights=None, # one weight per class (default: ChimpBehave's counts for the target set, equal for the source set)
                    splits:dict=None, # clips per split before the minimum is applied (default: `DEFAULT_SPLITS[kind]`)
