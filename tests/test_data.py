@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+import uas.data
 from helpers import write_broken, write_ramp
 from uas.data import (AnnotationError, Annotations, ClipError, ClipSampler, Skip, VideoDataset, check_dataset, class_names,
                       collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names,
@@ -392,10 +393,13 @@ def test_check_dataset_of_a_list_missing_short_and_bad_lines(mixed, tmp_path):
     assert summary.attrs['problems'].status.tolist() == ['bad entry', 'too short', 'missing']
     assert probe_clip(root/'short.mp4', min_frames=4) == ('too short', 3, '3 frames, fewer than 4')
 
-def test_check_dataset_reports_duplicates(mixed, tmp_path):
+def test_check_dataset_reports_duplicates(mixed, tmp_path, monkeypatch):
     root, good, bad = mixed
     (tmp_path/'l.txt').write_text(f'{good[0]} 0\n{bad[0]} 1\n{good[0]} 0\n{bad[0]} 1\n{good[2]} 1\n')
+    probed = []
+    monkeypatch.setattr(uas.data, 'probe_clip', lambda path, *a, **kw: probed.append(path) or probe_clip(path, *a, **kw))
     summary = check_dataset(tmp_path/'l.txt', data_prefix=root, classes=['run', 'sit'])
+    assert sorted(probed) == sorted({root/good[0], root/bad[0], root/good[2]})  # each file once, however often listed
     assert summary.loc['run', ['listed', 'ok', 'duplicate']].tolist() == [2, 2, 1]
     assert summary.loc['sit', ['listed', 'ok', 'unreadable', 'duplicate']].tolist() == [3, 1, 2, 1]
     assert summary.loc['total', ['listed', 'ok', 'unreadable', 'bad_entry', 'duplicate']].tolist() == [5, 3, 2, 0, 2]
@@ -421,7 +425,9 @@ def test_a_clip_listed_twice_is_loaded_twice_and_reported_per_line(mixed, tmp_pa
         assert seen == [0, 2, 4]  # both listings of good[0], every epoch
     report = pd.read_csv(tmp_path/'w'/'skipped_l.csv')
     assert report['where'].tolist() == [f'{lst}:2', f'{lst}:4'] and report['index'].tolist() == [1, 3]
-    a, b = ds[0, 5]['clip'], ds[2, 6]['clip']  # each listing draws its own augmentation
+    seeds = dict(ClipSampler(len(ds), seed=3))  # the augmentation seed each listing gets in an epoch
+    assert seeds[0] != seeds[2]
+    a, b = ds[0, seeds[0]]['clip'], ds[2, seeds[2]]['clip']  # the same file, each listing with its own draw
     assert a.shape == b.shape and not torch.equal(a, b)
     clean = without_problems(ds.annotations, check_dataset(ds))
     assert [e.where for e in clean] == [f'{lst}:1', f'{lst}:3', f'{lst}:5'] and clean.listed == 5

@@ -42,7 +42,7 @@ def test_topk_returns_one_value_per_k(scored):
 
 
 def test_ties_rank_the_higher_class_first():
-    "The issue's example: [0.5, 0.5, 0] with label 0 is a top-1 miss (mmaction's argsort order)."
+    "[0.5, 0.5, 0] with label 0 is a top-1 miss: mmaction ranks tied scores by its argsort order, the higher class first."
     assert top_k_accuracy([[0.5, 0.5, 0.0]], [0], topk=(1, 2)) == [0.0, 1.0]
     assert top_k_accuracy([[0.5, 0.5, 0.0]], [1], topk=1) == 1.0
 

@@ -40,7 +40,7 @@ def test_same_seed_same_tree(tiny_sets):
 
 def write_in_step(start, frames, path, results):
     "In a fresh process: wait until all are ready, write `frames` with `write_clip`, report the file's SHA-256."
-    start.wait()
+    start.wait(timeout=120)
     results.put(hashlib.sha256(write_clip(path, frames).read_bytes()).hexdigest())
 
 
@@ -52,12 +52,14 @@ def test_four_processes_at_once_write_one_file(tmp_path):
     ctx = mp.get_context('forkserver')
     ctx.set_forkserver_preload(['uas.synthetic'])
     start, results = ctx.Barrier(4), ctx.Queue()
-    workers = [ctx.Process(target=write_in_step, args=(start, frames, tmp_path / f'{i}.mp4', results))
+    workers = [ctx.Process(target=write_in_step, args=(start, frames, tmp_path / f'{i}.mp4', results), daemon=True)
                for i in range(4)]
     for w in workers: w.start()
     try: found = [results.get(timeout=120) for _ in workers]
-    finally:
+    finally:  # a worker that died early must not leave the others waiting at the barrier, nor pytest at exit
         for w in workers: w.join(30)
+        for w in workers:
+            if w.is_alive(): w.terminate()
     assert [w.exitcode for w in workers] == [0] * 4
     assert set(found) == {hashlib.sha256(write_clip(tmp_path / 'here.mp4', frames).read_bytes()).hexdigest()}
 

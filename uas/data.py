@@ -198,11 +198,11 @@ def _read_list(path, fmt, names, num_classes):
 # %% ../nbs/01_data.ipynb #0ca6b72c
 def _repeats(entries:list # entries of one list, contradicting listings already left out
             ) -> list:
-    "`(first, again)` for each entry whose clip an earlier entry already lists."
+    "`(first, again)` positions of each entry whose clip an earlier entry already lists."
     first, pairs = {}, []
-    for e in entries:
-        if e.path in first: pairs.append((first[e.path], e))
-        else: first[e.path] = e
+    for i, e in enumerate(entries):
+        if e.path in first: pairs.append((first[e.path], i))
+        else: first[e.path] = i
     return pairs
 
 # %% ../nbs/01_data.ipynb #70869758
@@ -221,11 +221,12 @@ def _apply_duplicates(path, # the list file, for the messages
     "`(entries, skipped)` with the list's exact duplicates kept, dropped into `skipped`, or refused (`AnnotationError`)."
     pairs = _repeats(entries)
     if not pairs: return entries, skipped
-    again = [Skip(e.path, e.where, 'bad entry', f'duplicate of line {_line(f.where)}') for f, e in pairs]
+    again = [Skip(entries[j].path, entries[j].where, 'bad entry', f'duplicate of line {_line(entries[i].where)}')
+             for i, j in pairs]
     if duplicates == 'raise':
         raise AnnotationError(f'{path}: {len(again)} line(s) list a clip again with the same label '
                               f'(duplicates="keep" reads each listing, "drop" the first only):\n{_listing(again)}')
-    shown = ', '.join(f'line {_line(e.where)} repeats line {_line(f.where)}' for f, e in pairs[:5])
+    shown = ', '.join(f'line {_line(entries[j].where)} repeats line {_line(entries[i].where)}' for i, j in pairs[:5])
     shown += f' and {len(pairs) - 5} more' if len(pairs) > 5 else ''
     if duplicates == 'keep':
         _log.warning(f'{path}: {len(pairs)} line(s) list a clip again with the same label; each listing is read, so '
@@ -233,8 +234,9 @@ def _apply_duplicates(path, # the list file, for the messages
         return entries, skipped
     _log.warning(f'{path}: {len(pairs)} line(s) list a clip again with the same label and are left out '
                  f'(duplicates="drop"): {shown}')
-    later = {e for _, e in pairs}
-    return [e for e in entries if e not in later], sorted(skipped + again, key=lambda s: _line(s.where))
+    later = {j for _, j in pairs}
+    kept = [e for i, e in enumerate(entries) if i not in later]
+    return kept, sorted(skipped + again, key=lambda s: _line(s.where))
 
 # %% ../nbs/01_data.ipynb #2dbcf723
 def _is_video(path): return path.suffix.lower() in VIDEO_EXTENSIONS
@@ -498,8 +500,8 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                                   total=len(files), desc='checking clips', disable=not progress)))
     probes = [probed[p] for p in paths]
     repeats = _repeats(annotations.entries)
-    again = {e for _, e in repeats}
-    clips = pd.DataFrame([(e.label, s, n, e in again) for e, (s, n, _) in zip(annotations, probes)],
+    again = {j for _, j in repeats}
+    clips = pd.DataFrame([(e.label, s, n, i in again) for i, (e, (s, n, _)) in enumerate(zip(annotations, probes))],
                          columns=['label', 'status', 'frames', 'duplicate'])
     rows = {c: _summary_row(clips[clips.label == i]) for i, c in enumerate(annotations.classes)}
     rows['total'] = _summary_row(clips, len(annotations.skipped))
@@ -507,7 +509,8 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
     problems = [asdict(s) for s in annotations.skipped] + [dict(path=e.path, where=e.where, status=s, reason=r, index=i)
                                                           for i, (e, (s, _, r)) in enumerate(zip(annotations, probes)) if s != 'ok']
     summary.attrs['problems'] = pd.DataFrame(problems, columns=SKIP_COLUMNS)
-    summary.attrs['duplicates'] = pd.DataFrame([(e.path, e.where, f.where) for f, e in repeats],
+    entries = annotations.entries
+    summary.attrs['duplicates'] = pd.DataFrame([(entries[j].path, entries[j].where, entries[i].where) for i, j in repeats],
                                                columns=['path', 'where', 'first'])
     return summary
 
