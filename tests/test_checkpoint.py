@@ -76,9 +76,8 @@ def check_official_file(tv_model, ours, tmp_path):
     assert sorted(report.skipped) == sorted(['meta', 'optimizer'] + [official_name(k) for k in blocks])
     assert len(report.loaded) == len(ours.state_dict())
     clip = torch.randn(1, 3, 8, 64, 64)
-    with torch.no_grad(): got = ours.eval()(clip)
-    assert got.shape == torchvision_features(tv_model, clip).shape
-    assert (got - torchvision_features(tv_model, clip)).abs().max() <= 1e-4
+    with torch.no_grad(): got, expected = ours.eval()(clip), torchvision_features(tv_model, clip)
+    assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-4
 
 
 # --- the official layout, and torchvision's, give torchvision's features ---
@@ -314,6 +313,27 @@ def test_registry_names_download_through_the_release_base(cache, tmp_path, monke
     report = load_backbone(model, 'k400', progress=False)
     assert report.source == str(cache/'swin_base_patch244_window877_kinetics400_22k.pth')
     assert torch.equal(model.norm.weight, source.norm.weight)
+
+
+def test_offline_the_error_names_where_to_put_a_file_fetched_by_hand(cache, tmp_path, monkeypatch):
+    "A release server that cannot be reached: the message names the cache folder and file name, and a file put there loads."
+    monkeypatch.setenv('UAS_DOWNLOAD_BASE', (tmp_path/'offline').as_uri())
+    name = 'swin_base_patch244_window877_kinetics400_22k.pth'
+    with pytest.raises(CheckpointError) as e: load_backbone(swin3d_mini(), 'k400', progress=False)
+    assert f'save it as {cache/name} (cache folder {cache}, file name {name})' in str(e.value)
+    assert list(cache.iterdir()) == []
+    source = swin3d_mini()
+    torch.save(official_checkpoint({f'backbone.{k}': v for k, v in source.state_dict().items()}), cache/name)   # fetched by hand
+    model = swin3d_mini()
+    assert load_backbone(model, 'k400').source == str(cache/name)
+    assert torch.equal(model.norm.weight, source.norm.weight)
+
+
+def test_one_key_comparison():
+    diff = ck.compare_keys({'a': torch.zeros(2), 'b': torch.zeros(3)}, {'a': torch.zeros(4), 'c': torch.zeros(1)})
+    assert (diff.missing, diff.unexpected, diff.mismatched) == (['c'], ['b'], [Mismatch('a', (2,), (4,))])
+    assert diff.problems.splitlines() == ['  missing (1): c', '  unexpected (1): b', '  wrong shape (1): a: checkpoint (2,) vs model (4,)']
+    assert ck.compare_keys({'a': torch.zeros(2)}, {'a': torch.ones(2)}).problems == ''
 
 
 def test_an_escaped_slash_in_a_url_cannot_leave_the_cache(cache, tmp_path):

@@ -84,10 +84,18 @@ def test_other_backbone_weights_or_pipeline_raise(backbone, tmp_path):
 
 
 def test_weights_hash_sees_buffers_and_dtype(backbone):
-    half = swin3d_mini()
-    half.load_state_dict(backbone.state_dict())
-    assert weights_hash(half) == weights_hash(backbone)
-    assert weights_hash(half.half()) != weights_hash(backbone)
+    copy = swin3d_mini()
+    copy.load_state_dict(backbone.state_dict())
+    assert weights_hash(copy) == weights_hash(backbone) == weights_hash(backbone.state_dict())
+    copy.register_buffer('scale', torch.zeros(3))                   # our Swin has no buffer of its own: add one
+    zeros = weights_hash(copy)
+    assert zeros != weights_hash(backbone)
+    copy.scale[1] = 1.
+    assert weights_hash(copy) != zeros                              # the buffer's value counts
+    copy.scale = torch.zeros(3, dtype=torch.int32)                   # the same 12 zero bytes, another dtype
+    assert weights_hash(copy) != zeros
+    copy.scale = torch.zeros(3)
+    assert weights_hash(copy) == zeros
 
 
 def test_broken_clips_are_reported_and_kept_out(backbone, tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from uas.backbone import swin3d_b, swin3d_mini
-from uas.checkpoint import load_backbone
+from uas.checkpoint import CheckpointError, load_backbone
 from uas.lora import (LORA_TARGETS, LoRAAdapter, LoRALinear, add_lora, from_reference_lora_names, is_lora_name,
                       load_lora_state_dict, lora_layers, lora_state_dict, merge_lora, unmerge_lora)
 
@@ -182,7 +182,12 @@ def test_adapter_weights_round_trip_and_reference_names(tmp_path):
     assert from_reference_lora_names(reference).keys() == saved.keys()
     load_lora_state_dict(fresh, reference)
     with torch.no_grad(): assert torch.equal(fresh(CLIP), expected)
-    with pytest.raises(KeyError, match='missing'): load_lora_state_dict(add_lora(mini(), rank=4, targets='qv'), {})
+    with pytest.raises(CheckpointError, match=r'missing \(\d+\).*\n.*the same targets and stages'):
+        load_lora_state_dict(add_lora(mini(), rank=4, targets='qv'), {})
+    with pytest.raises(CheckpointError, match=r'wrong shape \(\d+\): .*checkpoint \(4, 32\) vs model \(2, 32\)(.|\n)*the same rank'):
+        load_lora_state_dict(add_lora(mini(), rank=2, targets='all'), saved)
+    assert fresh.lora_config == dict(rank=4, alpha=4, stages=[0, 1, 2, 3], init='normal', targets='all')
+    assert add_lora(mini(), rank=2, targets=['q', 'o']).lora_config['targets'] == ['q', 'o']     # plain data for a model file
 
 
 @pytest.fixture(scope='module')

@@ -1,13 +1,18 @@
-"The recognizer (uas.model): the paper's trainable counts on Swin-B, modes, gradients, memory, heads, saving."
+"The recognizer (uas.model): the paper's trainable counts on Swin-B, modes, gradients, memory, heads, model files."
+import json, subprocess, sys, textwrap
+
 import pytest
 import torch
 from torch import nn
 
-from helpers import saved_bytes
+from helpers import saved_bytes, write_ramp
 from uas.backbone import swin3d_mini
+from uas.checkpoint import CheckpointError, load_backbone
 from uas.lora import is_lora_name
-from uas.model import (KineticsHead, Recognizer, UASHead, build_recognizer, count_parameters, load_trainable,
-                       parameter_table, save_trainable, set_mode, trainable_parameters)
+from uas.model import (KineticsHead, Recognizer, UASHead, backbone_hash, build_recognizer, count_parameters, load_model,
+                       load_trainable, model_file_differences, model_pipeline, parameter_table, save_trainable, set_mode,
+                       trainable_parameters)
+from uas.video import get_pipeline
 
 torch.set_num_threads(1)
 CLIP = torch.randn(1, 3, 8, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -134,21 +139,112 @@ def test_set_mode_and_errors():
     with pytest.raises(ValueError, match="unknown arch 'swin3d_xl'"): build_recognizer('swin3d_xl', 7)
 
 
+def randomise(model, std=0.05):
+    "Give every trainable parameter random values, as training would; returns `model` in eval mode."
+    with torch.no_grad():
+        for p in trainable_parameters(model).values(): p.normal_(std=std)
+    return model.eval()
+
+
 def test_save_and_load_only_the_trainable_weights(tmp_path):
     for mode, limit in [('uas', 20_000), ('lora', 200_000)]:
-        model = build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4).eval()
-        with torch.no_grad():
-            for p in trainable_parameters(model).values(): p.normal_(std=0.05)
-            expected = model(CLIP)
+        model = randomise(build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4))
+        with torch.no_grad(): expected = model(CLIP)
         path = save_trainable(model, tmp_path / f'{mode}.pth')
         assert path.stat().st_size < limit
         again = build_recognizer('swin3d_mini', 7, mode, pretrained=mini_checkpoint(), lora_rank=4).eval()
         with torch.no_grad(): assert not torch.equal(again(CLIP), expected)
         load_trainable(again, path)
         with torch.no_grad(): assert torch.equal(again(CLIP), expected)
-        assert torch.load(path, weights_only=True)['meta']['mode'] == mode
-    with pytest.raises(ValueError, match='wrong shape'): load_trainable(build_recognizer('swin3d_mini', 5, 'uas'), tmp_path / 'uas.pth')
-    with pytest.raises(ValueError, match='missing'): load_trainable(build_recognizer('swin3d_mini', 7, 'lora', lora_rank=4), tmp_path / 'uas.pth')
+        assert set(torch.load(path, weights_only=True)['state_dict']) == set(trainable_parameters(model))
+    with pytest.raises(CheckpointError, match='mode: the file has uas, the model lora'):
+        load_trainable(build_recognizer('swin3d_mini', 7, 'lora', pretrained=mini_checkpoint(), lora_rank=4), tmp_path / 'uas.pth')
+    with pytest.raises(CheckpointError, match=r"LoRA settings: the file has \{'rank': 4"):
+        load_trainable(build_recognizer('swin3d_mini', 7, 'lora', pretrained=mini_checkpoint(), lora_rank=8), tmp_path / 'lora.pth')
+
+
+def test_a_head_refuses_another_backbone_or_class_count_and_an_old_file_warns(tmp_path):
+    model = randomise(build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint(seed=0)))
+    path = save_trainable(model, tmp_path / 'head.pth')
+    other = build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint(seed=1))
+    with pytest.raises(CheckpointError) as e: load_trainable(other, path)
+    assert backbone_hash(model.backbone) in str(e.value) and backbone_hash(other.backbone) in str(e.value)
+    assert torch.count_nonzero(other.cls_head.fc_cls.bias) == 0                      # refused before anything was copied
+    with pytest.raises(CheckpointError, match='class count: the file has 7, the model 5'):
+        load_trainable(build_recognizer('swin3d_mini', 5, 'uas', pretrained=mini_checkpoint(seed=0)), path)
+    meta = torch.load(path, weights_only=True)['uas_model']
+    assert model_file_differences(model, dict(meta, arch='swin3d_t')) == ['architecture: the file has swin3d_t, the model swin3d_mini']
+    # a file as save_trainable wrote it before model files described themselves
+    old = {'state_dict': {k: v.detach().clone() for k, v in trainable_parameters(model).items()}, 'meta': {'mode': 'uas', 'lora': None}}
+    torch.save(old, tmp_path / 'old.pth')
+    again = build_recognizer('swin3d_mini', 7, 'uas', pretrained=mini_checkpoint(seed=0)).eval()
+    with pytest.warns(UserWarning, match='old.pth was written before model files described themselves: it cannot be checked'):
+        load_trainable(again, tmp_path / 'old.pth')
+    with torch.no_grad(): assert torch.equal(again(CLIP), model(CLIP))
+    with pytest.raises(CheckpointError, match='cannot rebuild a model'): load_model(tmp_path / 'old.pth')
+
+
+REBUILD = textwrap.dedent("""
+    import sys, torch
+    from uas.model import load_model, model_pipeline
+    torch.set_num_threads(1)
+    model = load_model(sys.argv[1])
+    with torch.no_grad(): scores = model(model_pipeline(model)(sys.argv[2])[None])
+    torch.save({'scores': scores, 'classes': model.classes, 'training': model.training}, sys.argv[3])
+""")
+
+
+def test_a_model_file_alone_rebuilds_the_recognizer_in_a_new_process(tmp_path):
+    torch.save(mini_checkpoint(), tmp_path / 'backbone.pth')
+    model = randomise(build_recognizer('swin3d_mini', 3, 'lora', pretrained=tmp_path / 'backbone.pth', lora_rank=4))
+    pipeline = dict(name='chimpbehave_test', clip_len=8, short_side=32, crop_size=32)
+    path = save_trainable(model, tmp_path / 'model.pth', classes=['sitting', 'walking', 'hanging'], pipeline=pipeline)
+    video = write_ramp(tmp_path / 'clip.mp4', n=8, size=32)
+    with torch.no_grad(): expected = model(get_pipeline(**pipeline)(video)[None])
+    res = subprocess.run([sys.executable, '-c', REBUILD, str(path), str(video), str(tmp_path / 'scores.pth')],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / 'scores.pth', weights_only=True)
+    assert got['classes'] == ['sitting', 'walking', 'hanging'] and not got['training']
+    assert got['scores'].shape == (1, 3, 3)                                    # 1 video, 3 crops, 3 classes
+    torch.testing.assert_close(got['scores'], expected, rtol=0, atol=1e-6)
+    meta = torch.load(path, weights_only=True)['uas_model']
+    assert meta['backbone'] == dict(source=str((tmp_path / 'backbone.pth').resolve()), note='', sha256=backbone_hash(model.backbone))
+    assert json.loads(json.dumps(meta)) == meta                                # plain data only
+    assert meta['pipeline']['kwargs'] == dict(clip_len=8, short_side=32, crop_size=32) and meta['pipeline']['views'] == 3
+
+
+def test_a_backbone_no_file_holds_is_recorded_by_hash_and_needs_the_callers_weights(tmp_path):
+    model = randomise(build_recognizer('swin3d_mini', 3, 'uas'))             # random weights: no file gives them again
+    path = save_trainable(model, tmp_path / 'head.pth')
+    meta = torch.load(path, weights_only=True)['uas_model']['backbone']
+    assert meta == dict(source=None, note='random weights', sha256=backbone_hash(model.backbone))
+    with pytest.raises(CheckpointError, match=f"random weights, SHA-256 {meta['sha256']}.*pretrained="): load_model(path)
+    rebuilt = load_model(path, pretrained=model.backbone.state_dict())
+    with torch.no_grad(): assert torch.equal(rebuilt(CLIP), model(CLIP))
+    with pytest.raises(CheckpointError, match=meta['sha256']): load_model(path, pretrained=swin3d_mini().state_dict())
+    # a frozen backbone that changed after it was loaded no longer has the loaded source
+    torch.save(mini_checkpoint(), tmp_path / 'backbone.pth')
+    changed = build_recognizer('swin3d_mini', 3, 'uas', pretrained=tmp_path / 'backbone.pth')
+    with torch.no_grad(): changed.backbone.norm.bias.add_(1.)
+    saved = torch.load(save_trainable(changed, tmp_path / 'changed.pth'), weights_only=True)['uas_model']['backbone']
+    assert saved['source'] is None and saved['sha256'] == backbone_hash(changed.backbone)
+
+
+def test_a_full_model_file_holds_every_weight_and_its_starting_backbone(tmp_path):
+    start = build_recognizer('swin3d_mini', 3, 'full', pretrained=mini_checkpoint(classes=400))
+    started_from = backbone_hash(start.backbone)
+    model = randomise(start, std=0.02)                                         # every weight changes, as fine-tuning's would
+    path = save_trainable(model, tmp_path / 'full.pth', classes=['a', 'b', 'c'])
+    saved = torch.load(path, weights_only=True)
+    assert set(saved['state_dict']) == {k for k in model.state_dict() if not k.startswith('kinetics_head.')}
+    assert saved['uas_model']['backbone']['sha256'] == started_from != backbone_hash(model.backbone)    # provenance
+    rebuilt = load_model(path)
+    with torch.no_grad(): assert torch.equal(rebuilt(CLIP), model(CLIP))
+    assert rebuilt.backbone_origin['sha256'] == started_from and rebuilt.classes == ['a', 'b', 'c']
+    with pytest.raises(ValueError, match='no test pipeline'): model_pipeline(rebuilt)
+    report = load_backbone(swin3d_mini(), path)                                # also an official-layout checkpoint
+    assert report.head.num_classes == 3 and report.skipped == ['uas_model']
 
 
 def test_parameter_table_groups():
@@ -158,3 +254,11 @@ def test_parameter_table_groups():
     assert table.loc['backbone.layers.0', 'trainable'] == 0
     assert table.loc['backbone.layers.0 (LoRA)', 'trainable'] == 2 * 2 * 2 * 4 * 32       # 2 blocks, q+v, A+B, r*C
     assert table.loc['total', 'parameters'] == table.drop('total')['parameters'].sum()
+
+
+def test_a_pipeline_that_builds_differently_now_is_a_warning():
+    "A model file's test pipeline is rebuilt from its name and keywords; if that no longer gives what was saved, say so."
+    model = build_recognizer('swin3d_mini', 7, 'uas')
+    model.pipeline_spec = dict(pipeline_spec('chimpbehave_test'), description='Pipeline(an older chimpbehave_test)')
+    with pytest.warns(UserWarning, match='an older chimpbehave_test'): pipeline = model_pipeline(model)
+    assert repr(pipeline) == pipeline_spec('chimpbehave_test')['description']

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['WRAPPERS', 'RELEASES', 'LABEL_MAPS', 'DOWNLOADS', 'CheckpointError', 'numpy_safe_globals', 'read_checkpoint',
-           'unwrap_checkpoint', 'Head', 'split_checkpoint', 'Mismatch', 'LoadReport', 'load_backbone', 'cache_dir',
-           'fetch_url', 'Download', 'registry_url', 'download', 'kinetics_classes', 'k700_diff_classes']
+           'unwrap_checkpoint', 'Head', 'split_checkpoint', 'Mismatch', 'KeyDiff', 'compare_keys', 'LoadReport',
+           'load_backbone', 'cache_dir', 'fetch_url', 'Download', 'registry_url', 'download', 'kinetics_classes',
+           'k700_diff_classes']
 
 # %% ../nbs/03_checkpoint.ipynb #81107e4b
 import hashlib, os, pickle, re, uuid, zipfile
@@ -146,7 +147,7 @@ def split_checkpoint(sd:dict, # tensors by name, official or torchvision layout
         sd = {**{k: v for k, v in sd.items() if k not in tv}, **converted}
     return sd, head, skipped
 
-# %% ../nbs/03_checkpoint.ipynb #502097c0
+# %% ../nbs/03_checkpoint.ipynb #9395229a
 class Mismatch(NamedTuple):
     "A key whose tensor has a different shape in the checkpoint and in the model."
     key: str
@@ -158,22 +159,35 @@ def _listing(title, items, limit=8):
     return f'  {title} ({len(items)}): ' + ', '.join(map(str, items[:limit])) + more
 
 @dataclass
-class LoadReport:
-    "What `load_backbone` found: keys missing, unexpected, of the wrong shape, skipped, and the checkpoint's head."
+class KeyDiff:
+    "How a checkpoint's tensors fit a model's: the keys missing, unexpected and of the wrong shape."
     missing: list = field(default_factory=list) # model keys the checkpoint lacks
     unexpected: list = field(default_factory=list) # checkpoint keys the model lacks
     mismatched: list = field(default_factory=list) # `Mismatch(key, checkpoint_shape, model_shape)`
+
+    @property
+    def problems(self) -> str:
+        "The missing, unexpected and mismatched keys, one kind a line; empty when everything fits."
+        lines = [_listing('missing', self.missing), _listing('unexpected', self.unexpected),
+                 _listing('wrong shape', [f'{m.key}: checkpoint {m.checkpoint_shape} vs model {m.model_shape}' for m in self.mismatched])]
+        return '\n'.join(l for l, items in zip(lines, (self.missing, self.unexpected, self.mismatched)) if items)
+
+def compare_keys(checkpoint:dict, # the file's tensors (or anything with a `.shape`) by name
+                 model:dict # the tensors the model expects, by name
+                ) -> KeyDiff:
+    "The keys `model` needs that `checkpoint` lacks, those `checkpoint` holds that `model` lacks, and those whose shapes differ."
+    return KeyDiff(missing=[k for k in model if k not in checkpoint], unexpected=[k for k in checkpoint if k not in model],
+                   mismatched=[Mismatch(k, tuple(v.shape), tuple(model[k].shape))
+                               for k, v in checkpoint.items() if k in model and tuple(v.shape) != tuple(model[k].shape)])
+
+# %% ../nbs/03_checkpoint.ipynb #502097c0
+@dataclass
+class LoadReport(KeyDiff):
+    "What `load_backbone` found: keys missing, unexpected, of the wrong shape, skipped, and the checkpoint's head."
     skipped: list = field(default_factory=list) # tolerated extras: index buffers, `meta`, optimizer state
     head: Head|None = None # the checkpoint's `cls_head.fc_cls` (or torchvision `head`)
     loaded: list = field(default_factory=list) # keys copied into the model
     source: str = '' # where the weights came from
-
-    @property
-    def problems(self) -> str:
-        "The missing, unexpected and mismatched keys, one kind a line."
-        lines = [_listing('missing', self.missing), _listing('unexpected', self.unexpected),
-                 _listing('wrong shape', [f'{m.key}: checkpoint {m.checkpoint_shape} vs model {m.model_shape}' for m in self.mismatched])]
-        return '\n'.join(l for l, items in zip(lines, (self.missing, self.unexpected, self.mismatched)) if items)
 
     def __str__(self):
         head = f'head of {self.head.num_classes} classes' if self.head is not None else 'no head'
@@ -202,12 +216,10 @@ def load_backbone(model:nn.Module, # a `SwinTransformer3D` (or any module whose 
     sd, skipped = unwrap_checkpoint(ckpt, name)
     weights, head, buffers = split_checkpoint(sd, name)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith('relative_position_index')}
-    mismatched = [Mismatch(k, tuple(v.shape), tuple(expected[k].shape))
-                  for k, v in weights.items() if k in expected and v.shape != expected[k].shape]
-    wrong = {m.key for m in mismatched}
+    diff = compare_keys(weights, expected)
+    wrong = {m.key for m in diff.mismatched}
     fits = {k: v for k, v in weights.items() if k in expected and k not in wrong}
-    report = LoadReport(missing=[k for k in expected if k not in weights], unexpected=[k for k in weights if k not in expected],
-                        mismatched=mismatched, skipped=skipped + buffers, head=head, loaded=list(fits), source=name)
+    report = LoadReport(**vars(diff), skipped=skipped + buffers, head=head, loaded=list(fits), source=name)
     if strict and report.problems:
         raise CheckpointError(f'{name} does not fit the {type(model).__name__}:\n{report.problems}\n'
                               'Pass strict=False to load what fits and get the rest in the report.')
@@ -308,7 +320,11 @@ def download(name_or_url:str, # a registry name (`'k400'`, `'chimpbehave_train'`
     filename = Path(unquote(urlparse(url).path)).name
     if filename in ('', '.', '..'): raise CheckpointError(f'{url}: the URL names no file')
     dst = Path(cache or cache_dir())/filename
-    return dst if dst.is_file() else fetch_url(url, dst, sha256, progress)
+    if dst.is_file(): return dst
+    try: return fetch_url(url, dst, sha256, progress)
+    except CheckpointError as e:
+        raise CheckpointError(f'{e}. To use a copy fetched another way, save it as {dst} (cache folder {dst.parent}, '
+                              f'file name {filename}): the next call reads it from there') from None
 
 # %% ../nbs/03_checkpoint.ipynb #3bc5434f
 def kinetics_classes(n:int # 400, 600 or 700

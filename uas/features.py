@@ -20,11 +20,12 @@ from .backbone import pool
 from .data import Skip, VideoDataset
 
 # %% ../nbs/06_features.ipynb #edd44fad
-def weights_hash(module:torch.nn.Module # the backbone whose weights (parameters and buffers) identify the cache
+def weights_hash(module:torch.nn.Module|dict # the backbone whose weights (parameters, buffers) identify the cache, or its state dict
                 ) -> str:
-    "SHA-256 of every tensor of `module.state_dict()`: its name, dtype, shape and bytes, in name order."
+    "SHA-256 of every tensor of `module.state_dict()` (or of a state dict): its name, dtype, shape and bytes, in name order."
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    state = module if isinstance(module, dict) else module.state_dict()
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f'{name}|{t.dtype}|{tuple(t.shape)}|'.encode())
         if t.numel(): h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointError, compare_keys
+
 # %% ../nbs/04_lora.ipynb #918b3940
 class LoRAAdapter(nn.Module):
     "A low-rank update `B(A(x)) * alpha/rank` that starts as no change (B = 0)."
@@ -175,7 +177,8 @@ def add_lora(model:nn.Module, # a `SwinTransformer3D`, or a model whose `backbon
     for i in chosen:
         for block in backbone.layers[i].blocks: _adapt_block(block, roles, rank, alpha, init)
     for name, p in model.named_parameters(): p.requires_grad_(is_lora_name(name))
-    backbone.lora_config = dict(rank=rank, alpha=rank if alpha is None else alpha, targets=targets, stages=chosen, init=init)
+    backbone.lora_config = dict(rank=rank, alpha=rank if alpha is None else alpha, stages=chosen, init=init,
+                                targets=targets if isinstance(targets, str) else list(roles))
     return model
 
 def lora_layers(model:nn.Module) -> dict:
@@ -216,13 +219,10 @@ def load_lora_state_dict(model:nn.Module, # a model with the same adapters (same
                          state_dict:dict): # adapter weights, ours or the reference fork's names
     "Copy saved adapter weights into `model`; every adapter must be given, with its shape."
     state_dict = from_reference_lora_names({k: v for k, v in state_dict.items() if is_lora_name(k)})
-    own = {k: v for k, v in model.state_dict().items() if is_lora_name(k)}
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"LoRA weights do not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
-                       f"({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} ({len(unexpected)}); "
-                       "build the model with the same add_lora targets and stages")
-    bad = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items() if state_dict[k].shape != v.shape]
-    if bad: raise ValueError(f"LoRA weight shapes differ (name, saved, model): {bad[:3]}; was the rank the same?")
+    diff = compare_keys(state_dict, {k: v for k, v in model.state_dict().items() if is_lora_name(k)})
+    if diff.problems:
+        hints = ['the same targets and stages'] if diff.missing or diff.unexpected else []
+        hints += ['the same rank'] if diff.mismatched else []
+        raise CheckpointError(f"LoRA weights do not fit this model:\n{diff.problems}\nAdd the adapters with {' and '.join(hints)}")
     model.load_state_dict(state_dict, strict=False)
     return model
