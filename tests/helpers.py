@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from uas.data import read_annotations
-from uas.video import open_video, write_video
+from uas.video import open_video, to_yuv420p, write_video
 
 
 def numbered_frames(n, height=32, width=64):
@@ -31,13 +31,62 @@ COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255],
 
 
 def colour_blocks(n, height=16):
-    "n frames of eight flat 16-pixel-wide blocks, one per colour of `COLOURS`."
-    return np.broadcast_to(np.repeat(COLOURS, 16, axis=0)[None, None], (n, height, 128, 3)).copy()
+    """n frames `[n, 2*height, 128, 3]`: eight flat 16-pixel-wide blocks, one per colour of `COLOURS`, in the top half,
+    and the frame index spelt in the bottom half by the bars of `numbered_frames`."""
+    blocks = np.broadcast_to(np.repeat(COLOURS, 16, axis=0)[None, None], (n, height, 128, 3))
+    return np.concatenate([blocks, numbered_frames(n, height, 128)], axis=1)
 
 
 def block_colours(frames):
     "The colour at the centre of each block of `colour_blocks` frames, as ints `[T, 8, 3]`."
-    return frames[:, frames.shape[1] // 2, 8::16].astype(int)
+    return frames[:, frames.shape[1] // 4, 8::16].astype(int)
+
+
+def block_numbers(frames):
+    "Read back the frame index that `colour_blocks` drew under the blocks."
+    return frame_numbers(frames[:, frames.shape[1] // 2:])
+
+
+VOP = b'\x00\x00\x01\xb6'  # MPEG-4 part 2: the start code of a frame (video object plane)
+N_VOP = VOP + bytes([0b01010000, 0b01001111])  # a P frame marked not coded (5-bit time increment: 25 fps), then stuffing
+
+
+def write_packed_avi(path, frames):
+    """An mpeg4 .avi of RGB `frames` whose B-frames are packed as XviD and DivX store them: a B-frame rides in the packet
+    of the frame decoded before it, an N-VOP packet holds its place, and DivX user data ending in 'p' says so."""
+    import av
+    path = Path(path)
+    unpacked = write_video(path.with_name(path.stem + '_unpacked.avi'), frames, codec='mpeg4', q=2, bf=1, g=12)
+    vop_type = lambda data: data[data.find(VOP) + 4] >> 6  # 0 I, 1 P, 2 B
+    with av.open(str(unpacked)) as source, av.open(str(path), 'w') as out:
+        stream = source.streams.video[0]
+        packets = [bytes(p) for p in source.demux(stream) if p.size]
+        packed, i = [], 0
+        while i < len(packets):
+            if i + 1 < len(packets) and vop_type(packets[i + 1]) == 2: packed += [packets[i] + packets[i + 1], N_VOP]; i += 2
+            else: packed.append(packets[i]); i += 1
+        first = packed[0].find(VOP)
+        packed[0] = packed[0][:first] + b'\x00\x00\x01\xb2DivX503b1393p\x00' + packed[0][first:]
+        target = out.add_stream_from_template(stream)
+        for n, data in enumerate(packed):
+            packet = av.Packet(data)
+            packet.pts = packet.dts = n
+            packet.time_base, packet.stream, packet.is_keyframe = stream.time_base, target, vop_type(data) == 0
+            out.mux(packet)
+    unpacked.unlink()
+    return path
+
+
+def write_rotated(path, frames, degrees):
+    "An h264 .mp4 of RGB `frames` whose display matrix turns them `degrees` counter-clockwise; returns the path."
+    import av
+    with av.open(str(path), 'w') as out:
+        stream = out.add_stream('libx264', rate=25)
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], 'yuv420p'
+        stream.set_display_rotation(degrees)
+        for frame in frames: out.mux(stream.encode(av.VideoFrame.from_ndarray(to_yuv420p(frame), format='yuv420p')))
+        out.mux(stream.encode())
+    return Path(path)
 
 
 def decode_all(path):
@@ -57,7 +106,7 @@ def counts_follow_weights(counts, weights, total:int, floor:int=8) -> bool:
 
 
 def ramp_frames(n=8, size=32):
-    "n flat grey frames, frame t of brightness 20 + 20*t: a frame's brightness tells which frame it is."
+    "n flat grey frames (n <= 11), frame t of brightness 20 + 20*t: a frame's brightness tells which frame it is."
     return np.broadcast_to((20 + 20*np.arange(n, dtype=np.uint8))[:, None, None, None], (n, size, size, 3))
 
 

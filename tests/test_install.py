@@ -20,9 +20,9 @@ def test_wheel_holds_every_exported_module(wheel):
 def test_wheel_metadata(wheel):
     z = zipfile.ZipFile(wheel)
     meta = z.read(next(n for n in z.namelist() if n.endswith('METADATA'))).decode()
-    assert 'Requires-Python: >=3.10' in meta
+    assert 'Requires-Python: >=3.11' in meta
     assert 'Requires-Dist: decord>=0.6; sys_platform != "darwin" or platform_machine != "arm64"' in meta
-    assert 'Requires-Dist: av>=12' in meta
+    assert 'Requires-Dist: av>=18.1' in meta
     runtime = [l for l in meta.splitlines() if l.startswith('Requires-Dist:') and 'extra ==' not in l]
     assert not [l for l in runtime if 'nbdev' in l or 'execnb' in l], 'the nbdev pins belong to the dev extra'
     assert 'Requires-Dist: nbdev<3,>=2.4; extra == "dev"' in meta

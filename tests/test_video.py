@@ -4,7 +4,7 @@ Every file is written here by PyAV. Good files must come back with the right fra
 frame order from every backend that can read them; broken files must raise `VideoReadError` naming the file,
 or return only frames that really decode, without crashing or hanging the process (those cases run in a
 child process with a timeout, so that a segfault or a hang in a decoder fails the test instead of the run)."""
-import gc, multiprocessing as mp, pickle, signal, sys
+import gc, multiprocessing as mp, os, pickle, signal, sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import uas.video as video
-from helpers import COLOURS, block_colours, colour_blocks, frame_numbers, numbered_frames
+from helpers import COLOURS, block_colours, block_numbers, colour_blocks, frame_numbers, numbered_frames, write_packed_avi, write_rotated
 from uas.video import BACKENDS, VideoReadError, open_video, to_yuv420p, write_video
 
 YUV420_TOLERANCE = 3  # RGB -> BT.601 YUV 4:2:0 -> RGB on flat blocks: rounding only
@@ -75,7 +75,7 @@ def files(tmp_path_factory):
 
 
 # Good files: (key, frames, height, width, backends that must read it)
-GOOD = [('one', 1, 16, 128, BACKENDS), ('ten', 10, 16, 128, BACKENDS), ('avi', 10, 16, 128, BACKENDS),
+GOOD = [('one', 1, 32, 128, BACKENDS), ('ten', 10, 32, 128, BACKENDS), ('avi', 10, 32, 128, BACKENDS),
         ('grey', 12, 32, 64, BACKENDS), ('tall', 3, 4000, 16, ('auto', 'pyav')), ('wide', 3, 16, 4000, BACKENDS),
         ('gif', 10, 32, 64, ('auto', 'pyav')), ('odd', 7, 32, 64, BACKENDS)]
 
@@ -90,6 +90,7 @@ def test_good_files(files, key, n, height, width, backends):
             assert frames.dtype == np.uint8 and frames.shape == (n, height, width, 3)
             if key in ('one', 'ten', 'avi'):
                 assert np.abs(block_colours(frames) - COLOURS.astype(int)).max() <= YUV420_TOLERANCE, backend
+                assert block_numbers(frames).tolist() == list(range(n)), backend
             elif key in ('tall', 'wide'):
                 centre = frames[:, height // 2, width // 2].astype(int)
                 assert np.abs(centre - COLOURS[:n].astype(int)).max() <= YUV420_TOLERANCE, backend
@@ -176,6 +177,80 @@ def test_transport_stream_is_frame_exact(files):
         assert frame_numbers(reader.get_frames(wanted)).tolist() == wanted.tolist()
 
 
+def decoded_in_order(path):
+    "Every frame of `path` decoded from the start by plain PyAV on one thread, as RGB, turned by the display rotation."
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        return np.stack([np.rot90(f.to_ndarray(format='rgb24'), round(f.rotation / 90) % 4) for f in container.decode(stream)])
+
+
+def test_decoder_sees_the_first_frame_before_a_seek(files, monkeypatch):
+    """FFmpeg takes the x264 version, which decides how old x264 4:4:4 streams decode, from the first frame's SEI;
+    a seek straight after opening skips it. The reader decodes that frame first, once per opening, then seeks."""
+    reader = open_video(files['bframes'], 'pyav')
+    events = []
+    prime, run = reader._prime, reader._run
+    monkeypatch.setattr(reader, '_prime', lambda: events.append('first frame') or prime())
+    monkeypatch.setattr(reader, '_run', lambda key, fresh: events.append(key) or run(key, fresh))
+    assert frame_numbers(reader.get_frames([150, 190, 3])).tolist() == [150, 190, 3]
+    assert events == [0, 144, 184]
+    events.clear()
+    assert frame_numbers(reader.get_frames([150, 190])).tolist() == [150, 190]
+    assert events == [144, 'first frame', 184]
+
+
+@pytest.mark.parametrize('kind', ['mpeg4', 'packed mpeg4', 'libx264'])
+def test_avi_with_bframes(tmp_path, kind):
+    """AVI stores timestamps in decoding order; with B-frames (forced in x264, which would choose none on these frames;
+    packed as XviD packs them) every frame, read all at once or one by one, equals sequential decoding."""
+    frames, path = numbered_frames(40), tmp_path/f'{kind}.avi'
+    if kind == 'packed mpeg4': write_packed_avi(path, frames)
+    elif kind == 'mpeg4': write_video(path, frames, codec='mpeg4', g=12, q=2, bf=2)
+    else: write_video(path, frames, g=12, bf=3, **{'x264-params': 'b-adapt=0'})
+    in_order = decoded_in_order(path)
+    assert frame_numbers(in_order).tolist() == list(range(40))
+    for backend in ('auto', 'pyav'):
+        reader = open_video(path, backend)
+        assert len(reader) == 40
+        assert (reader.get_frames(range(40)) == in_order).all(), backend
+        one_by_one = np.concatenate([reader.get_frames([i]) for i in range(40)])
+        assert (one_by_one == in_order).all(), backend
+
+
+@pytest.mark.parametrize('degrees', [90, 180, 270])
+def test_display_rotation_is_applied_by_every_backend(tmp_path, degrees):
+    "Frames come out upright, as players show them, with the height and width of the turned frames, from every backend."
+    path = write_rotated(tmp_path/f'rotated{degrees}.mp4', numbered_frames(6), degrees)
+    expected = decoded_in_order(path)
+    assert expected.shape[1:3] == ((64, 32) if degrees != 180 else (32, 64))
+    assert frame_numbers(np.rot90(expected, -degrees // 90, axes=(1, 2))).tolist() == list(range(6))
+    for backend in BACKENDS:
+        reader = open_video(path, backend)
+        assert (len(reader), reader.height, reader.width) == (6, *expected.shape[1:3]), backend
+        assert (reader.get_frames([5, 0, 3]) == expected[[5, 0, 3]]).all(), backend
+        assert reader.get_frames([]).shape == (0, *expected.shape[1:3], 3)
+
+
+def test_decord_messages_stay_off_the_terminal(files, capfd, monkeypatch):
+    """decord writes 'ERROR opening' to file descriptor 2 from C++ for a file it cannot open, whatever Python's
+    logging says; open_video keeps that off while it tries decord, and its own error still names the file."""
+    decord = pytest.importorskip('decord')
+    with pytest.raises(RuntimeError): decord.VideoReader(str(files['text']))
+    assert 'ERROR opening' in capfd.readouterr().err  # the message looked for below, and that capfd sees it
+    with pytest.raises(VideoReadError, match='text.mp4'): open_video(files['text'])
+    with pytest.raises(VideoReadError, match='text.mp4'): open_video(files['text'], 'decord')
+    assert capfd.readouterr().err == ''
+
+    def refuse(path, **kwargs):  # a decord that cannot open the file, complaining as decord's C++ does
+        os.write(2, f'video_reader.cc:83: ERROR opening: {path}\n'.encode())
+        raise RuntimeError(f'Error reading {path}')
+    monkeypatch.setattr(decord, 'VideoReader', refuse)
+    reader = open_video(files['ten'])
+    assert reader.backend == 'pyav' and block_numbers(reader.get_frames(range(10))).tolist() == list(range(10))
+    assert capfd.readouterr().err == ''
+
+
 def test_decord_and_pyav_agree(files):
     "Both backends wrap the same FFmpeg decoder and colour conversion: the bytes are equal, no tolerance needed."
     for key in ('bframes', 'ten', 'avi'):
@@ -201,7 +276,7 @@ def test_looped_clip_decodes_each_frame_once(files, monkeypatch):
     asked = []
     decode = reader._decode
     monkeypatch.setattr(reader, '_decode', lambda wanted: asked.append(wanted) or decode(wanted))
-    assert reader.get_frames(video.sample_frames(10, 32, 1, test_mode=True).ravel()).shape == (32, 16, 128, 3)
+    assert reader.get_frames(video.sample_frames(10, 32, 1, test_mode=True).ravel()).shape == (32, 32, 128, 3)
     assert asked == [list(range(10))]
 
 
@@ -226,7 +301,7 @@ def test_indices_out_of_range_and_empty(files):
     reader = open_video(files['ten'])
     with pytest.raises(IndexError, match='ten.mp4'): reader.get_frames([10])
     with pytest.raises(IndexError): reader.get_frames([-1])
-    assert reader.get_frames([]).shape == (0, 16, 128, 3)
+    assert reader.get_frames([]).shape == (0, 32, 128, 3)
 
 
 def test_error_names_file_and_pickles(files):
