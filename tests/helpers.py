@@ -172,3 +172,12 @@ class CreatesFile:
     "An object whose unpickling opens, and so creates, a file: the smallest pickle that runs code when loaded."
     def __init__(self, path): self.path = path
     def __reduce__(self): return (io.open, (str(self.path), 'w'))
+
+
+def touch_class_folder(root, clips:dict):
+    "A folder of class folders holding empty files: `clips` maps each class to its file names; returns the folder."
+    root = Path(root)
+    for cls, names in clips.items():
+        (root/cls).mkdir(parents=True, exist_ok=True)
+        for name in names: (root/cls/name).touch()
+    return root

@@ -23,11 +23,13 @@ def test_wheel_metadata(wheel):
     assert 'Requires-Python: >=3.11' in meta
     assert 'Requires-Dist: decord>=0.6; sys_platform != "darwin" or platform_machine != "arm64"' in meta
     assert 'Requires-Dist: av>=18.1' in meta
+    assert 'Requires-Dist: omegaconf>=2.3' in meta
     runtime = [l for l in meta.splitlines() if l.startswith('Requires-Dist:') and 'extra ==' not in l]
     assert not [l for l in runtime if 'nbdev' in l or 'execnb' in l], 'the nbdev pins belong to the dev extra'
     assert 'Requires-Dist: nbdev<3,>=2.4; extra == "dev"' in meta
     entry = z.read(next(n for n in z.namelist() if n.endswith('entry_points.txt'))).decode()
     assert 'uas_bench = uas.bench:main' in entry
+    assert 'uas_split = uas.config:uas_split' in entry and 'uas_check = uas.config:uas_check' in entry
 
 @pytest.mark.slow
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
