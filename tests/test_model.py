@@ -10,8 +10,8 @@ from uas.backbone import swin3d_mini
 from uas.checkpoint import CheckpointError, load_backbone
 from uas.lora import is_lora_name
 from uas.model import (KineticsHead, Recognizer, UASHead, backbone_hash, build_recognizer, count_parameters, load_model,
-                       load_trainable, model_file_differences, model_pipeline, parameter_table, save_trainable, set_mode,
-                       trainable_parameters)
+                       load_trainable, model_file_differences, model_pipeline, parameter_table, pipeline_spec, save_trainable,
+                       set_mode, trainable_parameters)
 from uas.video import get_pipeline
 
 torch.set_num_threads(1)
