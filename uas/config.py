@@ -109,7 +109,7 @@ class TrainSettings:
     weight_decay:float = 0.05 # `optimizer.weight_decay`
     betas:List[float] = field(default_factory=lambda: [0.9, 0.999]) # `optimizer.betas`
     recipe:str = 'paper' # 'paper': mmcv's custom keys (backbone lr x0.1, bias tables no decay); 'plain': one group
-    warmup_epochs:float = 2.5 # linear warm-up length in epochs: `lr_config.warmup_iters`
+    warmup_epochs:float = 2.5 # linear warm-up length in epochs: `lr_config.warmup_iters` (epochs: the reference sets warmup_by_epoch)
     warmup_ratio:float = 0.1 # the warm-up starts at this fraction of the lr: `lr_config.warmup_ratio`
     checkpoint_interval:int = 1 # save `epoch_N.pth` every this many epochs: `checkpoint_config.interval`
     val_interval:int = 5 # validate every this many epochs: `evaluation.interval`
