@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT
 import uas.data
 from helpers import write_broken, write_ramp
-from uas.data import (AnnotationError, Annotations, ClipError, ClipSampler, Skip, VideoDataset, check_dataset, class_names,
-                      collate_clips, detect_format, make_loader, probe_clip, read_annotations, read_class_names,
-                      without_problems)
+from uas.data import (AnnotationError, Annotations, ClipError, ClipReader, ClipSampler, Skip, VideoDataset, check_dataset,
+                      class_names, clip_seed, collate_clips, detect_format, make_loader, probe_clip, read_annotations,
+                      read_class_names, without_problems)
 from uas.video import get_pipeline, write_video
 
 CB = ROOT/'tests'/'data'/'chimpbehave'/'annotations'
@@ -319,7 +319,7 @@ def test_named_pipeline_and_seeded_items(mixed):
 def test_sampler_and_collate():
     s = ClipSampler(10, seed=3)
     first = list(s)
-    assert sorted(i for i, _ in first) == list(range(10)) and list(ClipSampler(10, seed=3)) == first
+    assert sorted(first) == [(i, 0) for i in range(10)] and list(ClipSampler(10, seed=3)) == first
     s.set_epoch(1)
     assert list(s) != first
     shards = [list(ClipSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
@@ -338,7 +338,7 @@ def test_loader_with_workers_reports_every_skip_and_matches_one_process(mixed, t
     assert sorted(pd.read_csv(tmp_path/'w'/'skipped_clips.csv').path) == sorted(bad)
     seen = [i for b in batches for i in b['index'].tolist()]
     assert sorted(ds.annotations[i].path for i in seen) == sorted(good)
-    assert all(b['clip'].shape[1:] == (3, 4, 32, 32) and len(b['label']) == len(b['clip']) for b in batches)
+    assert all(b['clip'].shape[1:] == (1, 3, 4, 32, 32) and len(b['label']) == len(b['clip']) for b in batches)
     one = VideoDataset(root, pipeline=pipeline, on_error='skip')
     single = list(make_loader(one, batch_size=3, num_workers=0, seed=7))
     assert [b['index'].tolist() for b in single] == [b['index'].tolist() for b in batches]
@@ -358,12 +358,36 @@ def test_test_mode_keeps_views_together_in_list_order(mixed):
     assert [tuple(b['clip'].shape) for b in batches] == [(2, 6, 3, 2, 24, 24)] + [(1, 6, 3, 2, 24, 24)] * 2  # 2 clips x 3 crops
     if torch.cuda.is_available(): assert all(batches[0][k].is_pinned() for k in ('clip', 'label', 'index'))
 
-def test_train_mode_spreads_views_over_the_batch(mixed):
+def test_train_mode_keeps_views_together_too(mixed):
+    "One rule for views: a clip is one sample, its views together, in training as in testing."
     ds = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_test', **SMALL), on_error='skip')
     batch = next(iter(make_loader(ds, batch_size=2, shuffle=False, num_workers=1)))
-    assert batch['clip'].shape == (6, 3, 4, 32, 32) and batch['label'].tolist() == [0, 0, 0, 0, 0, 0]
-    assert batch['index'].tolist() == [0, 0, 0, 1, 1, 1]
-    if torch.cuda.is_available(): assert all(batch[k].is_pinned() for k in ('clip', 'label', 'index'))  # spread before pinning
+    assert batch['clip'].shape == (2, 3, 3, 4, 32, 32) and batch['label'].tolist() == [0, 0]
+    assert batch['index'].tolist() == [0, 1] and batch['draw'].tolist() == [0, 0]
+    assert collate_clips([{'clip': torch.zeros(3, 3, 2, 4, 4), 'label': 1, 'index': 0}], spread_views=True)['label'].tolist() == [1] * 3
+
+
+def test_a_clip_gets_the_same_draw_in_any_process_worker_or_rank(mixed):
+    "The augmentation of (seed, clip, draw) is the same in the main process, in a loader worker and on either of 2 ranks."
+    ds = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_train', **SMALL), on_error='skip')
+    def clips(loader, epoch=1):
+        loader.set_epoch(epoch)
+        return {i: c for b in loader for i, c in zip(b['index'].tolist(), b['clip'])}
+    main = clips(make_loader(ds, batch_size=2, seed=5))
+    worker = clips(make_loader(ds, batch_size=2, seed=5, num_workers=1))
+    ranks = [clips(make_loader(ds, batch_size=2, seed=5, rank=r, world_size=2)) for r in (0, 1)]
+    assert sorted(main) == sorted(worker) == sorted(ranks[0] | ranks[1]) and not ranks[0].keys() & ranks[1].keys()
+    for i in main:
+        assert torch.equal(main[i], worker[i]) and torch.equal(main[i], (ranks[0] | ranks[1])[i])
+        assert torch.equal(main[i], ClipReader(ds, seed=5)[i, 1]['clip'])  # read alone: draw 1 is epoch 1's
+    other = clips(make_loader(ds, batch_size=2, seed=5), epoch=2)
+    assert any(not torch.equal(main[i], other[i]) for i in main)  # another epoch, another draw
+
+
+def test_evaluation_over_ranks_counts_each_clip_once(mixed):
+    ds = VideoDataset(mixed[0], pipeline=get_pipeline('chimpbehave_val', **SMALL), on_error='skip')
+    shares = [[i for b in make_loader(ds, test_mode=True, rank=r, world_size=3) for i in b['index'].tolist()] for r in range(3)]
+    assert sorted(sum(shares, [])) == sorted(i for b in make_loader(ds, test_mode=True) for i in b['index'].tolist())
 
 # ---------------------------------------------------------------- check_dataset
 def test_check_dataset_finds_what_the_skip_run_skips(mixed, tmp_path):
@@ -425,9 +449,8 @@ def test_a_clip_listed_twice_is_loaded_twice_and_reported_per_line(mixed, tmp_pa
         assert seen == [0, 2, 4]  # both listings of good[0], every epoch
     report = pd.read_csv(tmp_path/'w'/'skipped_l.csv')
     assert report['where'].tolist() == [f'{lst}:2', f'{lst}:4'] and report['index'].tolist() == [1, 3]
-    seeds = dict(ClipSampler(len(ds), seed=3))  # the augmentation seed each listing gets in an epoch
-    assert seeds[0] != seeds[2]
-    a, b = ds[0, seeds[0]]['clip'], ds[2, seeds[2]]['clip']  # the same file, each listing with its own draw
+    assert clip_seed(3, 0, 0) != clip_seed(3, 2, 0)  # the augmentation seed each listing gets in epoch 0
+    a, b = ds[0, clip_seed(3, 0, 0)]['clip'], ds[2, clip_seed(3, 2, 0)]['clip']  # the same file, each listing with its own draw
     assert a.shape == b.shape and not torch.equal(a, b)
     clean = without_problems(ds.annotations, check_dataset(ds))
     assert [e.where for e in clean] == [f'{lst}:1', f'{lst}:3', f'{lst}:5'] and clean.listed == 5

@@ -5,20 +5,20 @@
 # %% auto #0
 __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COLUMNS', 'STATUSES', 'Entry', 'Skip',
            'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
-           'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'ClipSampler',
-           'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip', 'check_dataset',
-           'without_problems']
+           'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'clip_seed',
+           'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip',
+           'check_dataset', 'without_problems']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
 import json, logging, random
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from .video import VideoReadError, get_pipeline, open_video
@@ -40,6 +40,11 @@ class Skip:
     status: str # 'bad entry', 'missing', 'unreadable' or 'too short'
     reason: str # what is wrong, in words
     index: int = None # the dataset index, for a clip skipped while loading
+
+    @property
+    def message(self) -> str:
+        "The skip in one line: where, which clip, and why."
+        return f"{self.where}: clip '{self.path}' is {self.status}: {self.reason}"
 
 # %% ../nbs/01_data.ipynb #2196b5e3
 class AnnotationError(ValueError):
@@ -372,38 +377,81 @@ class VideoDataset(SkipReport, Dataset):
         return {'clip': clip, 'label': entry.label, 'index': i}
 
 # %% ../nbs/01_data.ipynb #499ba7fb
+def clip_seed(seed:int, # the run's seed
+              index:int, # the clip's dataset index
+              draw:int # the augmentation draw: the epoch in training, 0.. in feature extraction
+             ) -> int:
+    "The seed of one augmentation draw of one clip: a pure function of `(seed, index, draw)`."
+    return int(np.random.SeedSequence([seed, index, draw]).generate_state(1, np.uint64)[0]) >> 1
+
+# %% ../nbs/01_data.ipynb #da41b10a
 class ClipSampler(Sampler):
-    "`(index, seed)` pairs: the order of the clips and each clip's augmentation seed, drawn from `seed` and the epoch."
-    def __init__(self, n:int, # number of clips
+    "`(index, draw)` items of a pass: clips in an order fixed by `seed` and the epoch, each drawn `draws` times; this rank's share."
+    def __init__(self, n, # the number of clips, or the dataset indices to visit
                  shuffle:bool=True, # shuffle the order (training) or keep list order (testing)
                  seed:int=0, # the seed of the whole run
-                 rank:int=0, # this process's share of each epoch ...
-                 world_size:int=1 # ... among this many processes
+                 rank:int=0, # this process's share of each pass ...
+                 world_size:int=1, # ... among this many processes
+                 draws:int=1 # draws per clip and pass: pass `e` draws `e*draws` to `e*draws + draws - 1`
                 ):
-        self.n, self.shuffle, self.seed, self.rank, self.world_size, self.epoch = n, shuffle, seed, rank, world_size, 0
+        self.clips = np.arange(n) if isinstance(n, int) else np.asarray(list(n), dtype=np.int64)
+        self.shuffle, self.seed, self.rank, self.world_size, self.draws, self.epoch = shuffle, seed, rank, world_size, draws, 0
 
     def set_epoch(self, epoch:int): self.epoch = epoch
-    def __len__(self): return len(range(self.rank, self.n, self.world_size))
+    def __len__(self): return len(range(self.rank, len(self.clips), self.world_size)) * self.draws
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        seeds = rng.integers(0, 2**63 - 1, self.n)
-        return iter([(int(i), int(seeds[i])) for i in order[self.rank::self.world_size]])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.clips) if self.shuffle else self.clips
+        first = self.epoch * self.draws
+        return iter([(int(i), first + d) for i in order[self.rank::self.world_size] for d in range(self.draws)])
+
+# %% ../nbs/01_data.ipynb #d2306911
+@contextmanager
+def _seeded(seed:int):
+    "Seed Python, numpy and torch for the block, then restore their previous states."
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+        try: yield
+        finally: random.setstate(states[0]); np.random.set_state(states[1])
+
+def _read(dataset, index:int, seed:int):
+    "Item `index` of `dataset`, its random draw fixed by `seed`."
+    if isinstance(dataset, Subset): return _read(dataset.dataset, dataset.indices[index], seed)
+    if isinstance(dataset, VideoDataset): return dataset[index, seed]
+    with _seeded(seed): return dataset[index]
+
+class ClipReader(Dataset):
+    "Items `(index, draw)` of `dataset`, drawn from `clip_seed(seed, index, draw)`; an unreadable clip comes back as a `Skip`."
+    def __init__(self, dataset, # map-style dataset of `{'clip', 'label', 'index'}`, e.g. a `VideoDataset`
+                 seed:int=0 # the run's seed
+                ): self.dataset, self.seed = dataset, seed
+    def __len__(self): return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, draw = item
+        try: out = _read(self.dataset, index, clip_seed(self.seed, index, draw))
+        except (FileNotFoundError, VideoReadError) as e:
+            status, reason = ('missing', 'no such file') if isinstance(e, FileNotFoundError) else ('unreadable', e.reason)
+            return Skip(str(getattr(e, 'path', None) or e.filename or ''), f'item {index}', status, reason, index)
+        if isinstance(out, Skip): return replace(out, index=index)
+        return {'clip': out['clip'], 'label': int(out['label']), 'index': index, 'draw': draw}
 
 # %% ../nbs/01_data.ipynb #366b09e9
-def collate_clips(items:list, # dataset items: dicts, and `Skip`s for clips skipped
+def collate_clips(items:list, # `ClipReader` items: dicts, and `Skip`s for clips skipped
                   spread_views:bool=False # make each view a sample of its own: clips [N*views, ...], labels repeated
                  ) -> dict:
-    "Stack the clips [N, views, 3, T, H, W], labels and indices of a batch; carry its `Skip`s along under 'skipped'."
+    "Stack the clips [N, views, 3, T, H, W], labels, indices and draws of a batch; carry its `Skip`s along under 'skipped'."
     good = [it for it in items if not isinstance(it, Skip)]
     clip = torch.stack([g['clip'] for g in good]) if good else torch.empty(0)
     label = torch.tensor([g['label'] for g in good], dtype=torch.long)
     index = torch.tensor([g['index'] for g in good], dtype=torch.long)
+    draw = torch.tensor([g.get('draw', 0) for g in good], dtype=torch.long)
     if good and spread_views:
         views = clip.shape[1]
-        clip, label, index = clip.flatten(0, 1), label.repeat_interleave(views), index.repeat_interleave(views)
-    return {'clip': clip, 'label': label, 'index': index, 'skipped': [it for it in items if isinstance(it, Skip)]}
+        clip, label, index, draw = clip.flatten(0, 1), *(t.repeat_interleave(views) for t in (label, index, draw))
+    return {'clip': clip, 'label': label, 'index': index, 'draw': draw,
+            'skipped': [it for it in items if isinstance(it, Skip)]}
 
 # %% ../nbs/01_data.ipynb #2d8c8e09
 def seed_worker(worker_id:int):
@@ -413,9 +461,9 @@ def seed_worker(worker_id:int):
     np.random.seed(seed)
 
 class ClipLoader:
-    "Batches of a `VideoDataset` (`{'clip', 'label', 'index'}`), recording every skipped clip in the main process."
-    def __init__(self, dataset, loader, sampler):
-        self.dataset, self.loader, self.sampler, self.epoch = dataset, loader, sampler, 0
+    "Batches `{'clip', 'label', 'index', 'draw'}` of a dataset; every skipped clip goes to `skips` and the dataset's skip report."
+    def __init__(self, dataset, loader, sampler, report:bool=True):
+        self.dataset, self.loader, self.sampler, self.report, self.epoch, self.skips = dataset, loader, sampler, report, 0, {}
 
     def __len__(self): return len(self.loader)
     def set_epoch(self, epoch:int):
@@ -424,17 +472,22 @@ class ClipLoader:
 
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
+        reporting = isinstance(self.dataset, SkipReport)
         try:
             for batch in self.loader:
-                self.dataset.record_skips(batch.pop('skipped'))
+                skipped = batch.pop('skipped')
+                for s in skipped: self.skips.setdefault(s.index, s)
+                if reporting: self.dataset.record_skips(skipped)
                 if len(batch['index']): yield batch
             self.epoch += 1
-        finally: self.dataset.write_skip_report(rank=self.sampler.rank if self.sampler.world_size > 1 else None)
+        finally:
+            if reporting and self.report:
+                self.dataset.write_skip_report(rank=self.sampler.rank if self.sampler.world_size > 1 else None)
 
 # %% ../nbs/01_data.ipynb #adcd99cb
-def make_loader(dataset:VideoDataset, # the clips
-                batch_size:int=1, # clips per batch (fewer when some are skipped)
-                test_mode:bool=False, # keep each clip's views together ([N, views, ...]) and the list order
+def make_loader(dataset, # the clips: a `VideoDataset` or any map-style dataset of `{'clip', 'label', 'index'}`
+                batch_size:int=1, # clip draws per batch (fewer when some are skipped)
+                test_mode:bool=False, # list order (no shuffling) by default
                 shuffle:bool=None, # default: shuffle when training, not in test mode
                 num_workers:int=0, # loader worker processes (0: load in this process)
                 pin_memory:bool=None, # default: when CUDA is available
@@ -442,16 +495,19 @@ def make_loader(dataset:VideoDataset, # the clips
                 drop_last:bool=False, # drop a last incomplete batch
                 rank:int=0, # this process's rank in distributed training ...
                 world_size:int=1, # ... and the number of processes
+                clips=None, # the dataset indices to visit (default: all)
+                draws:int=1, # augmentation draws per clip and pass
+                report:bool=True, # write the dataset's skip report after each pass
                 **kwargs # more `torch.utils.data.DataLoader` arguments (e.g. `persistent_workers`, `prefetch_factor`)
                ) -> ClipLoader:
     "A loader over `dataset` with seeded order and augmentation, optional workers, pinned memory and a skip report."
-    sampler = ClipSampler(len(dataset), shuffle=not test_mode if shuffle is None else shuffle, seed=seed, rank=rank,
-                          world_size=world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=partial(collate_clips, spread_views=not test_mode),
-                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
+    sampler = ClipSampler(len(dataset) if clips is None else clips, shuffle=not test_mode if shuffle is None else shuffle,
+                          seed=seed, rank=rank, world_size=world_size, draws=draws)
+    loader = DataLoader(ClipReader(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_clips, drop_last=drop_last,
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kwargs)
-    return ClipLoader(dataset, loader, sampler)
+    return ClipLoader(dataset, loader, sampler, report)
 
 # %% ../nbs/01_data.ipynb #c7415124
 def probe_clip(path, # the clip file
@@ -487,7 +543,7 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                   data_prefix=None, # the folder relative clip paths start from (default: the annotations' root)
                   min_frames:int=1, # clips with fewer frames are 'too short'
                   num_workers:int=0, # probe clips in this many worker processes
-                  progress:bool=False, # show a progress bar (a check of thousands of clips takes minutes)
+                  progress:bool=True, # show a progress bar (a check of thousands of clips takes minutes)
                   **read_kw # passed to `read_annotations` (with `on_error='skip'`) when `annotations` is a path
                  ) -> pd.DataFrame:
     "Per-class summary of a dataset: clips listed, ok, missing, unreadable, too short, duplicate; problems in `.attrs`."
