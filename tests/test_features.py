@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from helpers import write_clip_list
+import pandas as pd
 from uas.backbone import swin3d_mini
-from uas.data import VideoDataset
-from uas.features import (CacheMismatchError, FeatureCache, GuardedClips, cache_identity, extract_features, weights_hash)
-from uas.video import get_pipeline
+from uas.data import ClipError, VideoDataset
+from uas.features import CacheMismatchError, FeatureCache, cache_identity, extract_features, weights_hash
+from uas.video import VideoReadError, get_pipeline
 
 
 class Clips(torch.utils.data.Dataset):
@@ -16,7 +17,7 @@ class Clips(torch.utils.data.Dataset):
     def __init__(self, n, broken=()): self.n, self.broken = n, set(broken)
     def __len__(self): return self.n
     def __getitem__(self, i):
-        if i in self.broken: raise OSError(f'clip_{i}.mp4: invalid data found when processing input')
+        if i in self.broken: raise VideoReadError(f'clip_{i}.mp4', 'invalid data found when processing input')
         return {'clip': torch.randn(1, 3, 8, 32, 32, generator=torch.Generator().manual_seed(i)), 'label': i % 3, 'index': i}
 
 
@@ -104,8 +105,8 @@ def test_broken_clips_are_reported_and_kept_out(backbone, tmp_path):
         cache = extract_features(backbone, Clips(7, broken={0, 5}), tmp_path, pipeline='p', shard_size=3, progress=False)
     assert cache.indices.tolist() == [1, 2, 3, 4, 6] and len(cache.features) == 5
     assert [(f['index'], f['error']) for f in cache.failures] == [
-        (0, 'OSError: clip_0.mp4: invalid data found when processing input'),
-        (5, 'OSError: clip_5.mp4: invalid data found when processing input')]
+        (0, "item 0: clip 'clip_0.mp4' is unreadable: invalid data found when processing input"),
+        (5, "item 5: clip 'clip_5.mp4' is unreadable: invalid data found when processing input")]
     message = ' '.join(str(w.message) for w in caught)
     assert '2 of 7 clips failed' in message and 'clip_5.mp4' in message
     shard = torch.load(tmp_path/'shard_00001.pt', weights_only=True)   # failures live in the shard of their range
@@ -137,15 +138,6 @@ def test_extraction_leaves_the_backbone_mode_as_it_was(backbone, tmp_path):
     backbone.eval()
 
 
-def test_guarded_draws_are_reproducible():
-    class Noisy(Clips):
-        def __getitem__(self, i): return {**super().__getitem__(i), 'clip': torch.rand(1, 3, 2, 4, 4)}
-    a, b = GuardedClips(Noisy(3), seed=1), GuardedClips(Noisy(3), seed=1)
-    assert torch.equal(a[(2, 4)]['clip'], b[(2, 4)]['clip'])
-    assert not torch.equal(a[(2, 4)]['clip'], a[(2, 5)]['clip'])
-    assert not torch.equal(a[(2, 4)]['clip'], GuardedClips(Noisy(3), seed=2)[(2, 4)]['clip'])
-
-
 def test_missing_cache_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='manifest.json'): FeatureCache(tmp_path)
 
@@ -164,14 +156,60 @@ def video_list(tmp_path_factory):
 def small(stage): return get_pipeline(f'chimpbehave_{stage}', clip_len=4, short_side=32, crop_size=32)
 
 
-@pytest.mark.parametrize('on_error', ['raise', 'skip'])
-def test_broken_video_file_reported_by_name(backbone, video_list, tmp_path, on_error):
-    data = VideoDataset(video_list, pipeline=small('val'), on_error=on_error)
+def test_broken_video_file_reported_by_name_in_the_cache_and_the_skip_report(backbone, video_list, tmp_path):
+    data = VideoDataset(video_list, pipeline=small('val'), on_error='skip')
     with pytest.warns(UserWarning, match='1 of 6 clips failed'):
         cache = extract_features(backbone, data, tmp_path, progress=False)
     assert cache.indices.tolist() == [0, 1, 2, 4, 5] and cache.labels.tolist() == [0, 1, 0, 0, 1]
     (failure,) = cache.failures
     assert failure['index'] == 3 and 'train.txt:4' in failure['error'] and 'clip 3.mp4' in failure['error']
+    report = pd.read_csv(tmp_path/'skipped_train.csv')  # no work_dir: the report goes with the cache
+    assert report[['path', 'where', 'status', 'index']].values.tolist() == [['clip 3.mp4', f'{video_list}:4', 'unreadable', 3]]
+    work = VideoDataset(video_list, pipeline=small('val'), on_error='skip', work_dir=tmp_path/'work')
+    with pytest.warns(UserWarning, match='1 of 6 clips failed'): extract_features(backbone, work, tmp_path, progress=False)
+    assert pd.read_csv(tmp_path/'work'/'skipped_train.csv').path.tolist() == ['clip 3.mp4']
+
+
+def test_on_error_raise_stops_extraction_at_the_bad_clip(backbone, video_list, tmp_path):
+    data = VideoDataset(video_list, pipeline=small('val'), on_error='raise')
+    with pytest.raises(ClipError, match=r"train.txt:4: clip 'clip 3.mp4' is unreadable"):
+        extract_features(backbone, data, tmp_path, shard_size=2, progress=False)
+    assert FeatureCache(tmp_path).done() == [0] and not FeatureCache(tmp_path).complete
+
+
+def test_a_configuration_mistake_stops_extraction_and_marks_nothing_done(backbone, video_list, tmp_path):
+    "A crop larger than the frames is not a bad clip: its own error stops the run, whatever `on_error` says."
+    too_big = get_pipeline('chimpbehave_val', clip_len=4, short_side=32, crop_size=96)
+    data = VideoDataset(video_list, pipeline=too_big, on_error='skip')
+    with pytest.raises(Exception) as caught: too_big(video_list.parent/'clip 0.mp4')
+    for workers in (0, 1):
+        with pytest.raises(type(caught.value), match='96'):
+            extract_features(backbone, data, tmp_path/str(workers), num_workers=workers, progress=False)
+        assert FeatureCache(tmp_path/str(workers)).done() == [] and not FeatureCache(tmp_path/str(workers)).complete
+
+
+def test_a_rerun_computes_the_clip_that_failed_and_nothing_else(backbone, tmp_path):
+    root = tmp_path/'clips'
+    root.mkdir()
+    write_clip_list(root, 5, 2)
+    whole = (root/'clip 2.mp4').read_bytes()
+    (root/'clip 2.mp4').write_bytes(whole[:200])
+    data = VideoDataset(root/'train.txt', pipeline=small('val'), on_error='skip')
+    with pytest.warns(UserWarning, match='1 of 5 clips failed'):
+        first = extract_features(backbone, data, tmp_path/'cache', shard_size=2, dtype='float32', progress=False)
+    assert first.indices.tolist() == [0, 1, 3, 4]
+    (root/'clip 2.mp4').write_bytes(whole)  # repaired
+    calls, hook = count_calls(backbone)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        again = extract_features(backbone, data, tmp_path/'cache', shard_size=2, dtype='float32', progress=False)
+    hook.remove()
+    assert not [w for w in caught if 'failed' in str(w.message)]
+    assert calls == [1] and again.indices.tolist() == [0, 1, 2, 3, 4] and again.failures == []
+    torch.testing.assert_close(again.features[[0, 1, 3, 4]], first.features)
+    fresh = extract_features(backbone, data, tmp_path/'fresh', shard_size=2, dtype='float32', progress=False)
+    torch.testing.assert_close(again.features, fresh.features, atol=1e-5, rtol=1e-5)
+    assert pd.read_csv(tmp_path/'cache'/'skipped_train.csv').empty
 
 
 def test_video_identity_covers_pipeline_and_list(backbone, video_list, tmp_path):

@@ -96,6 +96,16 @@ def test_broken_clip_is_reported_and_left_out_of_training(clips, tmp_path):
     assert [h['clips'] for h in history] == [7, 7]
 
 
+def test_a_cache_of_failed_clips_only_is_refused_by_name(clips, tmp_path):
+    (clips/'bad_only.txt').write_text('bad.mp4 1\n')
+    data = VideoDataset(clips/'bad_only.txt', pipeline=pipeline('val'), on_error='skip')
+    model = probe_model()
+    with pytest.warns(UserWarning, match='1 of 1 clips failed'):
+        cache = extract_features(model.backbone, data, tmp_path, progress=False)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='holds no features: all 1 clips failed'):
+        train_head_cached(model, cache, 1, **SETTINGS)
+
+
 def test_online_training_runs_the_frozen_backbone_as_the_paper(clips):
     "Default (paper) setting: backbone in train mode during training, its weights unchanged; only the head learns."
     data = VideoDataset(clips/'train.txt', pipeline=pipeline('train'))

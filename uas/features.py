@@ -4,20 +4,19 @@
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'weights_hash', 'describe_pipeline', 'describe_dataset', 'CacheMismatchError', 'cache_identity',
-           'check_identity', 'FeatureCache', 'GuardedClips', 'extract_features']
+           'check_identity', 'FeatureCache', 'extract_features']
 
 # %% ../nbs/06_features.ipynb #cb659951
-import hashlib, json, os, random, time, warnings
-from contextlib import contextmanager
+import hashlib, json, os, time, warnings
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .backbone import pool
-from .data import Skip, VideoDataset
+from .data import SkipReport, Skip, make_loader
 
 # %% ../nbs/06_features.ipynb #edd44fad
 def weights_hash(module:torch.nn.Module|dict # the backbone whose weights (parameters, buffers) identify the cache, or its state dict
@@ -147,37 +146,6 @@ class FeatureCache:
         return (f'FeatureCache({str(self.root)!r}: {len(self.done())}/{self.num_shards} shards, '
                 f"{self.num_clips} clips, {self.identity['aug_views']} aug view(s), {self.identity['dtype']})")
 
-# %% ../nbs/06_features.ipynb #64c3c019
-@contextmanager
-def _seeded(seed:int):
-    "Seed Python, numpy and torch for the block, then restore their previous states."
-    states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-        try: yield
-        finally: random.setstate(states[0]); np.random.set_state(states[1])
-
-def _read(dataset, index:int, seed:int):
-    "Item `index` of `dataset`, its random draw fixed by `seed`."
-    if isinstance(dataset, Subset): return _read(dataset.dataset, dataset.indices[index], seed)
-    if isinstance(dataset, VideoDataset): return dataset[index, seed]
-    with _seeded(seed): return dataset[index]
-
-class GuardedClips(torch.utils.data.Dataset):
-    "Items `(index, draw)` of `dataset`, each with its own seeded draw; a clip that fails comes back as `{'index', 'draw', 'error'}`."
-    def __init__(self, dataset, # map-style dataset of `{'clip', 'label', 'index'}`, e.g. `uas.data.VideoDataset`
-                 seed:int=0, # with `(index, draw)`, fixes the random draw of each read
-                ): self.dataset, self.seed = dataset, seed
-    def __len__(self): return len(self.dataset)
-    def __getitem__(self, item):
-        index, draw = item
-        try:
-            out = _read(self.dataset, index, hash((self.seed, index, draw)) % 2**63)
-            if isinstance(out, Skip): raise RuntimeError(f"{out.where}: clip '{out.path}' is {out.status}: {out.reason}")
-            if out is None: raise RuntimeError('the dataset returned no clip')
-            return dict(clip=out['clip'], label=int(out['label']), index=index, draw=draw)
-        except Exception as e: return dict(index=index, draw=draw, error=f'{type(e).__name__}: {e}')
-
 # %% ../nbs/06_features.ipynb #ca409256
 def _forward(backbone, clips, device, pooled, amp):
     "Backbone features of `clips [N, 3, T, H, W]`, pooled over time and space to `[N, C]` unless `pooled` is False."
@@ -187,32 +155,47 @@ def _forward(backbone, clips, device, pooled, amp):
     return (pool(x) if pooled else x).cpu()
 
 # %% ../nbs/06_features.ipynb #deb7d299
-def _extract_shard(backbone, guarded, rng:range, aug_views, batch_size, num_workers, device, pooled, dtype, amp, bar):
-    "Features, labels, indices and failures of the clips in `rng`."
-    items = [(i, d) for i in rng for d in range(aug_views)]
-    loader = DataLoader(guarded, sampler=items, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=list, pin_memory=device.type == 'cuda')
-    feats, labels, failures = {}, {}, {}
+def _extract_shard(backbone, dataset, clips:list, aug_views, batch_size, num_workers, device, pooled, dtype, amp, seed, bar):
+    "Features, labels, indices and failures of the dataset indices `clips`."
+    loader = make_loader(dataset, batch_size=batch_size, test_mode=True, num_workers=num_workers, seed=seed, clips=clips,
+                         draws=aug_views, report=False, pin_memory=device.type == 'cuda')
+    feats, labels, start = {}, {}, bar.n
     for batch in loader:
-        for b in batch:
-            if 'error' in b: failures.setdefault(b['index'], b['error'])
-        good = [b for b in batch if 'error' not in b]
-        if good:
-            views = [len(b['clip']) for b in good]
-            out = _forward(backbone, torch.cat([b['clip'] for b in good]), device, pooled, amp).split(views)
-            for b, f in zip(good, out):
-                feats[b['index'], b['draw']] = f
-                labels[b['index']] = b['label']
-        bar.update(len(batch))
-    kept = [i for i in rng if i not in failures]
+        views = batch['clip'].shape[1]
+        out = _forward(backbone, batch['clip'].flatten(0, 1), device, pooled, amp).unflatten(0, (-1, views))
+        for i, d, y, f in zip(batch['index'].tolist(), batch['draw'].tolist(), batch['label'].tolist(), out):
+            feats[i, d], labels[i] = f, y
+        bar.update(len(batch['index']))
+    bar.update(len(clips) * aug_views - (bar.n - start))
+    kept = [i for i in clips if i not in loader.skips]
     shape = next(iter(feats.values())).shape[1:] if feats else (0,)
     return dict(features=torch.stack([torch.cat([feats[i, d] for d in range(aug_views)]) for i in kept]).to(getattr(torch, dtype))
                          if kept else torch.empty(0, aug_views, *shape, dtype=getattr(torch, dtype)),
                 labels=torch.tensor([labels[i] for i in kept], dtype=torch.long),
                 indices=torch.tensor(kept, dtype=torch.long),
-                failures=[dict(index=i, error=failures[i]) for i in sorted(failures)])
+                failures=[dict(asdict(s), error=s.message) for _, s in sorted(loader.skips.items())])
+
+# %% ../nbs/06_features.ipynb #7d1bbefe
+def _merge_shards(old:dict, # a shard on disk
+                  new:dict # a retry of `old`'s failures
+                 ) -> dict:
+    "One shard of the clips of `old` and `new`, in index order, with the failures of `new`."
+    parts = [s for s in (old, new) if len(s['indices'])] or [new]
+    indices = torch.cat([s['indices'] for s in parts])
+    order = indices.argsort()
+    return dict(features=torch.cat([s['features'] for s in parts])[order], labels=torch.cat([s['labels'] for s in parts])[order],
+                indices=indices[order], failures=new['failures'])
 
 # %% ../nbs/06_features.ipynb #fc667197
+def _write_skips(dataset:SkipReport, # the dataset extracted
+                 cache # its `FeatureCache`
+                ):
+    "Make `dataset`'s loading skips the cache's failures and write its skip report (default folder: the cache's)."
+    dataset.load_skips = {}
+    fields = ('path', 'where', 'status', 'reason', 'index')
+    dataset.record_skips([Skip(**{k: f[k] for k in fields}) for f in cache.failures if 'path' in f])
+    dataset.write_skip_report(dataset.work_dir or cache.root)
+
 def _pipeline_of(dataset):
     "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
     return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
@@ -251,23 +234,23 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                      root/'manifest.json')
         cache = FeatureCache(root)
     for tmp in root.glob('*.tmp'): tmp.unlink()
-    todo = [i for i in range(cache.num_shards) if not cache.shard_path(i).exists()]
+    todo = {i: list(cache.shard_range(i)) for i in range(cache.num_shards) if not cache.shard_path(i).exists()}
+    for f in (cache.failures if cache.done() else []): todo.setdefault(f['index'] // shard_size, []).append(f['index'])
     was_training = backbone.training
-    backbone = backbone.eval().to(device)
-    guarded, start = GuardedClips(dataset, seed), time.perf_counter()
+    backbone, start = backbone.eval().to(device), time.perf_counter()
     try:
-        with tqdm(total=aug_views * sum(len(cache.shard_range(i)) for i in todo), unit='clip' if aug_views == 1 else 'draw',
-                  disable=not progress,
-                  desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:
-            for i in todo:
-                shard = _extract_shard(backbone, guarded, cache.shard_range(i), aug_views, batch_size, num_workers,
-                                       device, pooled, dtype, amp, bar)
+        with tqdm(total=aug_views * sum(map(len, todo.values())), unit='clip' if aug_views == 1 else 'draw',
+                  disable=not progress, desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:
+            for i, clips in sorted(todo.items()):
+                shard = _extract_shard(backbone, dataset, clips, aug_views, batch_size, num_workers, device, pooled, dtype,
+                                       amp, seed, bar)
+                if cache.shard_path(i).exists(): shard = _merge_shards(torch.load(cache.shard_path(i), weights_only=True), shard)
                 _save_atomic(shard, cache.shard_path(i))
     finally: backbone.train(was_training)
     cache = FeatureCache(root)
     if todo and progress:
-        n = sum(len(cache.shard_range(i)) for i in todo)
-        print(f'extracted {n} clips in {time.perf_counter() - start:.1f}s into {root}')
+        print(f'extracted {sum(map(len, todo.values()))} clips in {time.perf_counter() - start:.1f}s into {root}')
+    if isinstance(dataset, SkipReport): _write_skips(dataset, cache)
     if cache.failures:
         warnings.warn(f'{len(cache.failures)} of {cache.num_clips} clips failed and are left out of {root}: ' +
                       '; '.join(f"#{f['index']}: {f['error']}" for f in cache.failures))

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAPER_CUSTOM_KEYS', 'NORM_LAYERS', 'match_custom_key', 'paper_param_groups', 'describe_param_groups',
-           'paper_lr_factor', 'paper_schedule', 'GradientAccumulator', 'seed_everything', 'epoch_order', 'fit_head',
-           'evaluate_online', 'train_head_online', 'check_cache_backbone', 'evaluate_cached', 'train_head_cached']
+           'paper_lr_factor', 'paper_schedule', 'GradientAccumulator', 'seed_everything', 'fit_head', 'evaluate_online',
+           'train_head_online', 'check_cache_backbone', 'evaluate_cached', 'train_head_cached']
 
 # %% ../nbs/08_train.ipynb #c7208a26
 import math, random, time, warnings
@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .features import CacheMismatchError, GuardedClips, weights_hash
+from .data import ClipSampler, make_loader
+from .features import CacheMismatchError, weights_hash
 from .metrics import average_views, evaluate
 
 # %% ../nbs/08_train.ipynb #129e5a9e
@@ -146,14 +146,6 @@ def seed_everything(seed:int, # the seed for Python, numpy and torch
     if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
-# %% ../nbs/08_train.ipynb #939277b7
-def epoch_order(n:int, # number of training clips
-                epoch:int, # the epoch (0-based)
-                seed:int=0, # the run's seed
-               ) -> list:
-    "The order in which epoch `epoch` visits clips `0..n-1`: a permutation fixed by `(seed, epoch)`."
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
 # %% ../nbs/08_train.ipynb #3ccf452e
 def _per_view(run, x):
     "Logits `[B, V, K]` of `x [B, V, ...]`: `run` on the `B*V` views at once."
@@ -205,16 +197,10 @@ def fit_head(model:torch.nn.Module, # a `Recognizer`; only its trainable paramet
     return history
 
 # %% ../nbs/08_train.ipynb #9dcf14f5
-def _online_batches(data, order, epoch, batch_size, num_workers, seed, failures):
-    "Micro-batches `(clips [B, V, 3, T, H, W], labels [B])` of `data` in `order`; unreadable clips go to `failures`."
-    items = [[(i, epoch) for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-    for batch in DataLoader(GuardedClips(data, seed), batch_sampler=items, num_workers=num_workers, collate_fn=list):
-        for b in batch:
-            if 'error' in b: failures.setdefault(b['index'], b['error'])
-        good = [b for b in batch if 'error' not in b]
-        if good: yield torch.stack([b['clip'] for b in good]), torch.tensor([b['label'] for b in good])
-
-def _report(failures, what):
+def _report(failures:dict, # what could not be read: a message per dataset index
+            what:str # what the clips were left out of
+           ):
+    "Warn once, naming every clip left out of `what`."
     if failures: warnings.warn(f'{len(failures)} clips could not be read and were left out of {what}: ' +
                                '; '.join(f'#{i}: {e}' for i, e in sorted(failures.items())))
 
@@ -226,17 +212,21 @@ def evaluate_online(model:torch.nn.Module, # a `Recognizer`
                     num_workers:int=0, # DataLoader workers
                     device=None, # where the model runs; default: where its head is
                     amp:bool=None, # bfloat16 autocast; default: on a GPU
+                    progress:bool=True, # show a progress bar (clips)
                    ) -> dict:
     "`uas.metrics.evaluate` of `model` on every readable clip of `data`, views averaged as softmax probabilities."
     device = torch.device(device) if device else next(model.cls_head.parameters()).device
     amp = device.type == 'cuda' if amp is None else amp
     model.eval()
-    scores, labels, failures = [], [], {}
-    for clips, y in _online_batches(data, list(range(len(data))), 0, batch_size, num_workers, 0, failures):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = _per_view(model, clips.to(device)).float()
-        scores.append(average_views(logits).cpu()); labels.append(y)
-    _report(failures, 'validation')
+    scores, labels = [], []
+    loader = make_loader(data, batch_size=batch_size, test_mode=True, num_workers=num_workers)
+    with tqdm(total=len(data), unit='clip', desc='evaluate', disable=not progress, leave=False) as bar:
+        for batch in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = _per_view(model, batch['clip'].to(device)).float()
+            scores.append(average_views(logits).cpu()); labels.append(batch['label'])
+            bar.update(len(batch['index']))
+    _report({i: s.message for i, s in loader.skips.items()}, 'validation')
     return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), torch.cat(labels)).items()}
 
 # %% ../nbs/08_train.ipynb #31f5de69
@@ -257,15 +247,16 @@ def train_head_online(model:torch.nn.Module, # a `Recognizer` built in `uas` mod
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     amp = device.type == 'cuda' if amp is None else amp
     model.to(device)
-    failures = {}
+    loader = make_loader(train_data, batch_size=batch_size, num_workers=num_workers, seed=seed)
     def batches(epoch):
-        return _online_batches(train_data, epoch_order(len(train_data), epoch, seed), epoch, batch_size, num_workers, seed, failures)
+        loader.set_epoch(epoch)
+        return ((batch['clip'], batch['label']) for batch in loader)
     def run(clips):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp): return model(clips.to(device, non_blocking=True)).float()
-    validate = None if val_data is None else lambda: evaluate_online(model, val_data, batch_size, num_workers, device, amp)
+    validate = None if val_data is None else lambda: evaluate_online(model, val_data, batch_size, num_workers, device, amp, progress)
     history = fit_head(model, batches, run, len(train_data), -(-len(train_data) // batch_size),
                        epochs, update_interval, validate, val_every, device, progress, 'online')
-    _report(failures, 'training')
+    _report({i: s.message for i, s in loader.skips.items()}, 'training')
     return history
 
 # %% ../nbs/08_train.ipynb #de5683bb
@@ -305,6 +296,21 @@ def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head`
     _report({f['index']: f['error'] for f in cache.failures}, f'the cache {cache.root}')
     return {f'val_{k}': v for k, v in evaluate(torch.cat(scores), cache.labels).items()}
 
+def _cached_batches(cache, # a `FeatureCache`
+                    features:torch.Tensor, # its features of this epoch's draw, `[n, V, ...]`
+                    epoch:int, # the epoch: `ClipSampler`'s order of it
+                    batch_size:int, # clips per micro-batch, before the failed ones are left out
+                    seed:int # the run's seed
+                   ):
+    "Micro-batches `(features, labels)` of epoch `epoch` in the online loop's order and batches, less the failed clips."
+    row = {i: r for r, i in enumerate(cache.indices.tolist())}
+    sampler = ClipSampler(cache.num_clips, seed=seed)
+    sampler.set_epoch(epoch)
+    order = [i for i, _ in sampler]
+    for s in range(0, len(order), batch_size):
+        rows = [row[i] for i in order[s:s + batch_size] if i in row]
+        if rows: yield features[rows], cache.labels[rows]
+
 # %% ../nbs/08_train.ipynb #15500dd3
 def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; only `model.cls_head` runs
                       train_cache, # a `FeatureCache` of the training set (`uas.features.extract_features`)
@@ -324,12 +330,9 @@ def train_head_cached(model:torch.nn.Module, # a `Recognizer` in `uas` mode; onl
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     _report({f['index']: f['error'] for f in train_cache.failures}, f'the cache {train_cache.root}')
-    labels, n = train_cache.labels, len(train_cache)
+    if not len(train_cache): raise ValueError(f'{train_cache.root} holds no features: all {train_cache.num_clips} clips failed')
     def batches(epoch):
-        features, order = _cache_views(train_cache, epoch).to(device).float(), epoch_order(n, epoch, seed)
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
-            yield features[idx], labels[idx]
+        return _cached_batches(train_cache, _cache_views(train_cache, epoch).to(device).float(), epoch, batch_size, seed)
     validate = None if val_cache is None else lambda: evaluate_cached(model, val_cache, device=device, check=False)
-    return fit_head(model, batches, model.cls_head, n, -(-n // batch_size),
+    return fit_head(model, batches, model.cls_head, len(train_cache), -(-train_cache.num_clips // batch_size),
                     epochs, update_interval, validate, val_every, device, progress, 'cached')
