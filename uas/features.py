@@ -57,7 +57,7 @@ def describe_dataset(dataset # any map-style dataset; a `VideoDataset`'s clip li
     return text
 
 # %% ../nbs/06_features.ipynb #80cf2a70
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2 # 2: draws seeded by `uas.data.clip_seed`, failures stored as skips
 
 class CacheMismatchError(ValueError):
     "A feature cache was made with another backbone, pipeline, dataset or setting than the one asked for."
