@@ -457,7 +457,7 @@ def check_config(cfg:Config, # a config from `load_config`
             problems.append(f'data.{s}.ann_file: {e}'); continue
         summary = splits[s] = check_dataset(clips, prefix, num_workers=num_workers, progress=progress)
         files[s] = {clip_file(e.path, prefix).resolve() for e in clips}
-        total, found = summary.loc['total'], summary.attrs['problems']
+        found = summary.attrs['problems']
         if len(clips.classes) != cfg.model.cls_head.num_classes:
             problems.append(f'data.{s}: {len(clips.classes)} classes, but model.cls_head.num_classes={cfg.model.cls_head.num_classes}')
         problems += [f'data.{s}: {p.where}{"" if p.path in p.where else " " + p.path}: {p.status}: {p.reason}'
