@@ -7,11 +7,18 @@ from helpers import write_clip_list
 from uas.data import VideoDataset
 from uas.features import CacheMismatchError, extract_features
 from uas.model import build_recognizer
-from uas.train import evaluate_cached, evaluate_online, seed_everything, train_head_cached, train_head_online
+from uas.config import TrainSettings
+from uas.train import Learner, evaluate_cached, evaluate_online, seed_everything
 from uas.video import get_pipeline
 
 EPOCHS = 5
-SETTINGS = dict(batch_size=2, update_interval=2, device='cpu', progress=False)
+
+
+def train(model, data, epochs, seed=0, val_data=None, val_interval=5):
+    "Train the head of `model` in micro-batches of 2 clips, 2 per optimizer step: online on a dataset, cached on a cache."
+    settings = TrainSettings(mode='uas', cached=not isinstance(data, VideoDataset), epochs=epochs, batch_size=4,
+                             update_interval=2, val_interval=val_interval, amp='no', seed=seed)
+    return Learner(model, settings, data, val_data, device='cpu', progress=False).fit()
 
 
 @pytest.fixture(scope='module')
@@ -45,11 +52,11 @@ def test_online_and_cached_training_give_the_same_head(clips, tmp_path):
     data = VideoDataset(clips/'train.txt', pipeline=pipeline('val'))
     model = probe_model()
     start = head_state(model)
-    online_history = train_head_online(model, data, EPOCHS, **SETTINGS)
+    online_history = train(model, data, EPOCHS)
     online = head_state(model)
     model.cls_head.load_state_dict(start)
     cache = extract_features(model.backbone, data, tmp_path, dtype='float32', shard_size=3, progress=False)
-    cached_history = train_head_cached(model, cache, EPOCHS, **SETTINGS)
+    cached_history = train(model, cache, EPOCHS)
     assert_same_head(head_state(model), online, start)
     np.testing.assert_allclose([h['loss'] for h in cached_history], [h['loss'] for h in online_history], atol=1e-5)
     assert [h['lr'] for h in cached_history] == [h['lr'] for h in online_history]
@@ -60,14 +67,14 @@ def test_a_cache_with_a_draw_per_epoch_sees_the_online_augmentation(clips, tmp_p
     data = VideoDataset(clips/'train.txt', pipeline=pipeline('train'))
     model = probe_model()
     start = head_state(model)
-    train_head_online(model, data, 3, seed=4, **SETTINGS)
+    train(model, data, 3, seed=4)
     online = head_state(model)
     model.cls_head.load_state_dict(start)
     cache = extract_features(model.backbone, data, tmp_path, dtype='float32', aug_views=3, seed=4, progress=False)
-    train_head_cached(model, cache, 3, seed=4, **SETTINGS)
+    train(model, cache, 3, seed=4)
     assert_same_head(head_state(model), online, start)
     model.cls_head.load_state_dict(start)
-    train_head_cached(model, cache, 3, seed=5, **SETTINGS)  # another sample order: another head
+    train(model, cache, 3, seed=5)  # another sample order: another head
     assert (head_state(model)['fc_cls.weight'] - online['fc_cls.weight']).abs().max() > 1e-6
 
 
@@ -75,10 +82,12 @@ def test_validation_metrics_agree(clips, tmp_path):
     data = VideoDataset(clips/'train.txt', pipeline=pipeline('val'))
     model = probe_model()
     cache = extract_features(model.backbone, data, tmp_path, dtype='float32', progress=False)
-    online, cached = evaluate_online(model, data, device='cpu'), evaluate_cached(model, cache, device='cpu')
-    assert online.keys() == cached.keys() and 'val_mean_class_accuracy' in online
-    for k in online: assert online[k] == pytest.approx(cached[k])
-    history = train_head_cached(model, cache, 4, val_cache=cache, val_every=2, **SETTINGS)
+    online, cached = evaluate_online(model, data, device='cpu', progress=False), evaluate_cached(model, cache, device='cpu')
+    assert online.metrics.keys() == cached.metrics.keys() and 'mean_class_accuracy' in online.metrics
+    for k in online.metrics: assert online.metrics[k] == pytest.approx(cached.metrics[k])
+    torch.testing.assert_close(online.scores, cached.scores, atol=1e-5, rtol=0)
+    assert online.labels.tolist() == cached.labels.tolist() and online.indices.tolist() == cached.indices.tolist()
+    history = train(model, cache, 4, val_data=cache, val_interval=2)
     assert ['val_top1_acc' in h for h in history] == [False, True, False, True]
 
 
@@ -89,10 +98,10 @@ def test_broken_clip_is_reported_and_left_out_of_training(clips, tmp_path):
         cache = extract_features(model.backbone, data, tmp_path, progress=False)
     assert 3 not in cache.indices.tolist() and len(cache) == 7
     with pytest.warns(UserWarning, match=r"1 clips could not be read and were left out.*bad.mp4"):
-        history = train_head_cached(model, cache, 2, **SETTINGS)
+        history = train(model, cache, 2)
     assert [h['clips'] for h in history] == [7, 7]
     with pytest.warns(UserWarning, match=r"1 clips could not be read and were left out of training.*bad.mp4"):
-        history = train_head_online(model, data, 2, **SETTINGS)
+        history = train(model, data, 2)
     assert [h['clips'] for h in history] == [7, 7]
 
 
@@ -103,7 +112,7 @@ def test_a_cache_of_failed_clips_only_is_refused_by_name(clips, tmp_path):
     with pytest.warns(UserWarning, match='1 of 1 clips failed'):
         cache = extract_features(model.backbone, data, tmp_path, progress=False)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='holds no features: all 1 clips failed'):
-        train_head_cached(model, cache, 1, **SETTINGS)
+        train(model, cache, 1)
 
 
 def test_online_training_runs_the_frozen_backbone_as_the_paper(clips):
@@ -115,7 +124,7 @@ def test_online_training_runs_the_frozen_backbone_as_the_paper(clips):
     modes = []
     model.backbone.register_forward_hook(lambda m, args, out: modes.append(m.training))
     start = head_state(model)
-    train_head_online(model, data, 1, **SETTINGS)
+    train(model, data, 1)
     assert modes and all(modes)
     assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
     assert not torch.equal(head_state(model)['fc_cls.weight'], start['fc_cls.weight'])
@@ -126,8 +135,9 @@ def test_a_cache_trains_only_the_heads_of_its_own_frozen_backbone(clips, tmp_pat
     model = probe_model()
     cache = extract_features(model.backbone, data, tmp_path, progress=False)
     other = build_recognizer('swin3d_mini', 3, mode='uas')        # fresh random backbone: other weights
-    with pytest.raises(CacheMismatchError, match='another backbone'): train_head_cached(other, cache, 1, **SETTINGS)
+    with pytest.raises(CacheMismatchError, match='another backbone'): train(other, cache, 1)
     with pytest.raises(CacheMismatchError, match='another backbone'): evaluate_cached(other, cache)
     full = build_recognizer('swin3d_mini', 3, mode='full')
     full.backbone.load_state_dict(model.backbone.state_dict())
-    with pytest.raises(ValueError, match='frozen backbone'): train_head_cached(full, cache, 1, **SETTINGS)
+    with pytest.raises(ValueError, match="the model was built for mode 'full'"): train(full, cache, 1)
+    with pytest.raises(ValueError, match='frozen backbone'): evaluate_cached(full, cache)

@@ -10,6 +10,7 @@ __all__ = ['BENCHMARKS', 'BENCH_DATA_FILE', 'benchmark', 'results_dir', 'machine
 
 # %% ../nbs/12_bench.ipynb #3945ef37
 import importlib, json, math, os, platform, statistics, sys, tempfile, time
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,11 +23,12 @@ from fastcore.script import anno_parser, store_true
 import uas
 import uas.backbone
 from .backbone import convert_torchvision_state_dict, get_window_size
+from .config import TrainSettings
 from .data import VideoDataset, read_annotations
 from .features import extract_features
 from .model import build_recognizer
 from .synthetic import make_synthetic
-from .train import seed_everything, train_head_cached, train_head_online
+from .train import Learner, seed_everything
 from .video import get_pipeline, open_video, sample_frames, write_video
 
 # %% ../nbs/12_bench.ipynb #d6f6b1d7
@@ -218,13 +220,14 @@ def bench_probe(epochs:int=30, # epochs of head training, online and cached
         def recognizer():
             seed_everything(0)
             return build_recognizer(arch, len(summary['classes']), mode='uas')
+        settings = TrainSettings(mode='uas', epochs=epochs, amp='no')  # the paper's 8 clips per step, in micro-batches of 1
         online_model, start, cpu = recognizer(), time.perf_counter(), time.process_time()
-        online = train_head_online(online_model, data, epochs, device='cpu', progress=False)
+        online = Learner(online_model, settings, data, device='cpu', progress=False).fit()
         online_s, online_cpu_s = time.perf_counter() - start, time.process_time() - cpu
         cached_model, start, cpu = recognizer(), time.perf_counter(), time.process_time()
         cache = extract_features(cached_model.backbone, data, Path(tmp)/'cache', arch=arch, device='cpu', progress=False)
         extract_s = time.perf_counter() - start
-        cached = train_head_cached(cached_model, cache, epochs, device='cpu', progress=False)
+        cached = Learner(cached_model, replace(settings, cached=True), cache, device='cpu', progress=False).fit()
         cached_s, cached_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     results = dict(dataset=f"synthetic target v{summary['generator_version']}, train split", clips=len(data),
                    classes=len(summary['classes']), arch=arch, clip=f'{clip_len}x{size}x{size}', epochs=epochs,

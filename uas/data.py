@@ -6,8 +6,8 @@
 __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COLUMNS', 'STATUSES', 'Entry', 'Skip',
            'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
            'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'clip_seed',
-           'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader', 'probe_clip',
-           'check_dataset', 'without_problems']
+           'balanced_weights', 'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader',
+           'probe_clip', 'check_dataset', 'without_problems']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
 import json, logging, random
@@ -385,6 +385,21 @@ def clip_seed(seed:int, # the run's seed
     return int(np.random.SeedSequence([seed, index, draw]).generate_state(1, np.uint64)[0]) >> 1
 
 # %% ../nbs/01_data.ipynb #da41b10a
+def balanced_weights(labels # each clip's class id
+                    ) -> np.ndarray:
+    "A sampling weight per clip, `1 / (clips of its class)`: every class is drawn equally often."
+    labels = np.asarray(labels)
+    if not len(labels): raise ValueError('no labels: nothing to weigh')
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return 1 / counts[inverse]
+
+def _probabilities(weights, n:int) -> np.ndarray:
+    "`weights` as probabilities over `n` clips, checked."
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f'weights must be {n} finite, non-negative numbers, not all 0; got shape {w.shape}')
+    return w / w.sum()
+
 class ClipSampler(Sampler):
     "`(index, draw)` items of a pass: clips in an order fixed by `seed` and the epoch, each drawn `draws` times; this rank's share."
     def __init__(self, n, # the number of clips, or the dataset indices to visit
@@ -392,18 +407,25 @@ class ClipSampler(Sampler):
                  seed:int=0, # the seed of the whole run
                  rank:int=0, # this process's share of each pass ...
                  world_size:int=1, # ... among this many processes
-                 draws:int=1 # draws per clip and pass: pass `e` draws `e*draws` to `e*draws + draws - 1`
+                 draws:int=1, # draws per clip and pass: pass `e` draws `e*draws` to `e*draws + draws - 1`
+                 weights=None # a weight per clip: draw each pass's clips with replacement in proportion (e.g. `balanced_weights`)
                 ):
         self.clips = np.arange(n) if isinstance(n, int) else np.asarray(list(n), dtype=np.int64)
-        self.shuffle, self.seed, self.rank, self.world_size, self.draws, self.epoch = shuffle, seed, rank, world_size, draws, 0
+        self.shuffle, self.seed, self.rank, self.world_size, self.draws = shuffle, seed, rank, world_size, draws
+        self.p = None if weights is None else _probabilities(weights, len(self.clips))
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch:int): self.epoch = epoch
-    def __len__(self): return len(range(self.rank, len(self.clips), self.world_size)) * self.draws
+    def set_epoch(self, epoch:int, # the pass
+                  start:int=0 # the first item of the pass to give (a resume point)
+                 ): self.epoch, self.start = epoch, start
+    def __len__(self): return max(len(range(self.rank, len(self.clips), self.world_size)) * self.draws - self.start, 0)
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.clips) if self.shuffle else self.clips
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.p is not None: order = rng.choice(self.clips, size=len(self.clips), p=self.p)
+        else: order = rng.permutation(self.clips) if self.shuffle else self.clips
         first = self.epoch * self.draws
-        return iter([(int(i), first + d) for i in order[self.rank::self.world_size] for d in range(self.draws)])
+        return iter([(int(i), first + d) for i in order[self.rank::self.world_size] for d in range(self.draws)][self.start:])
 
 # %% ../nbs/01_data.ipynb #d2306911
 @contextmanager
@@ -463,18 +485,23 @@ def seed_worker(worker_id:int):
 class ClipLoader:
     "Batches `{'clip', 'label', 'index', 'draw'}` of a dataset; every skipped clip goes to `skips` and the dataset's skip report."
     def __init__(self, dataset, loader, sampler, report:bool=True):
-        self.dataset, self.loader, self.sampler, self.report, self.epoch, self.skips = dataset, loader, sampler, report, 0, {}
+        self.dataset, self.loader, self.sampler, self.report, self.skips = dataset, loader, sampler, report, {}
+        self.epoch, self.start, self.position = 0, 0, 0
 
     def __len__(self): return len(self.loader)
-    def set_epoch(self, epoch:int):
-        "Start the next pass at `epoch` (to resume a run with the same clips and augmentations)."
-        self.epoch = epoch
+    def set_epoch(self, epoch:int, # the pass to give next
+                  start:int=0 # its first batch: the batches before it were read by a run this one resumes
+                 ):
+        "Start the next pass at `epoch`, batch `start` (to resume a run with the same clips and augmentations)."
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.start * self.loader.batch_size)
+        self.position, self.start = self.start, 0
         reporting = isinstance(self.dataset, SkipReport)
         try:
             for batch in self.loader:
+                self.position += 1
                 skipped = batch.pop('skipped')
                 for s in skipped: self.skips.setdefault(s.index, s)
                 if reporting: self.dataset.record_skips(skipped)
@@ -497,12 +524,13 @@ def make_loader(dataset, # the clips: a `VideoDataset` or any map-style dataset 
                 world_size:int=1, # ... and the number of processes
                 clips=None, # the dataset indices to visit (default: all)
                 draws:int=1, # augmentation draws per clip and pass
+                weights=None, # a sampling weight per clip (e.g. `balanced_weights`): draw with replacement in proportion
                 report:bool=True, # write the dataset's skip report after each pass
                 **kwargs # more `torch.utils.data.DataLoader` arguments (e.g. `persistent_workers`, `prefetch_factor`)
                ) -> ClipLoader:
     "A loader over `dataset` with seeded order and augmentation, optional workers, pinned memory and a skip report."
     sampler = ClipSampler(len(dataset) if clips is None else clips, shuffle=not test_mode if shuffle is None else shuffle,
-                          seed=seed, rank=rank, world_size=world_size, draws=draws)
+                          seed=seed, rank=rank, world_size=world_size, draws=draws, weights=weights)
     loader = DataLoader(ClipReader(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_clips, drop_last=drop_last,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
