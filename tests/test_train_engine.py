@@ -16,6 +16,7 @@ from uas.features import extract_features
 from uas.model import build_recognizer
 from uas.synthetic import make_synthetic
 from uas.train import Learner, seed_everything
+from uas.viz import plot_training_curves
 
 WORKER = Path(__file__).parent/'train_worker.py'
 CLASSES = ('sitting', 'walking', 'running')
@@ -135,6 +136,8 @@ def test_a_run_killed_in_epoch_3_resumes_to_the_same_end(target, tmp_path, unint
     trained = [e['epoch'] for e in log[resumed:] if e['event'] == 'epoch']
     assert trained == [3, 4]  # epochs 1-2 were not trained again
     assert [e['epoch'] for e in log if e['event'] == 'epoch'] == [1, 2, 3, 4]
+    loss_panel = plot_training_curves(tmp_path).axes[0]
+    assert list(loss_panel.lines[1].get_xdata()) == [1, 2, 3, 4]  # the epoch means, the killed epoch once
 
 
 def test_a_kill_between_writing_and_renaming_a_checkpoint_leaves_the_previous_one(target, tmp_path, uninterrupted):

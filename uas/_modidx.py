@@ -535,4 +535,11 @@ d = { 'settings': { 'branch': 'main',
                            'uas.video.to_yuv420p': ('video.html#to_yuv420p', 'uas/video.py'),
                            'uas.video.train_pipeline': ('video.html#train_pipeline', 'uas/video.py'),
                            'uas.video.val_pipeline': ('video.html#val_pipeline', 'uas/video.py'),
-                           'uas.video.write_video': ('video.html#write_video', 'uas/video.py')}}}
+                           'uas.video.write_video': ('video.html#write_video', 'uas/video.py')},
+            'uas.viz': { 'uas.viz._in_epochs': ('viz.html#_in_epochs', 'uas/viz.py'),
+                         'uas.viz._label': ('viz.html#_label', 'uas/viz.py'),
+                         'uas.viz._log_records': ('viz.html#_log_records', 'uas/viz.py'),
+                         'uas.viz.plot_class_accuracy': ('viz.html#plot_class_accuracy', 'uas/viz.py'),
+                         'uas.viz.plot_confusion': ('viz.html#plot_confusion', 'uas/viz.py'),
+                         'uas.viz.plot_training_curves': ('viz.html#plot_training_curves', 'uas/viz.py'),
+                         'uas.viz.read_training_log': ('viz.html#read_training_log', 'uas/viz.py')}}}
