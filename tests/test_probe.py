@@ -103,6 +103,10 @@ def test_broken_clip_is_reported_and_left_out_of_training(clips, tmp_path):
     with pytest.warns(UserWarning, match=r"1 clips could not be read and were left out of training.*bad.mp4"):
         history = train(model, data, 2)
     assert [h['clips'] for h in history] == [7, 7]
+    one_clip = TrainSettings(mode='uas', epochs=2, batch_size=2, update_interval=2, amp='no')
+    learn = Learner(model, one_clip, data, device='cpu', progress=False)
+    with pytest.warns(UserWarning, match='left out of training'): learn.fit()
+    assert learn.schedule.last_epoch == 2 * 8  # the batch of the bad clip alone is still an iteration of the schedule
 
 
 def test_a_cache_of_failed_clips_only_is_refused_by_name(clips, tmp_path):

@@ -74,6 +74,12 @@ def test_class_balancing_weighs_the_loss_as_scikit_learn_and_draws_classes_equal
         drawn += [label for batch in learn.batches for label in batch['label'].tolist()]
     np.testing.assert_allclose(np.bincount(drawn) / len(drawn), [1 / 3] * 3, atol=0.03)
     assert math.isfinite(learn.fit()[0]['loss'])
+    one_clip = Learner(model, replace(balanced, batch_size=2), cache, progress=False)
+    rare = next(batch for batch in one_clip.batches if batch['label'].item() != 0)
+    one_clip.batch = rare
+    one_clip.one_batch()
+    unweighted = torch.nn.functional.cross_entropy(one_clip.preds.float(), rare['label'])
+    torch.testing.assert_close(one_clip.loss, unweighted * reference[rare['label'].item()])  # a micro-batch of one keeps its weight
 
 
 def run(*args, expect=0):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError
 from .config import TrainSettings
 from .data import ClipSampler, VideoDataset, balanced_weights, make_loader
-from .features import CacheMismatchError, FeatureCache, describe_dataset, weights_hash
+from .features import CacheMismatchError, FeatureCache, describe_dataset, describe_pipeline, weights_hash
 from .metrics import average_views, evaluate
 from .model import _load_weights, _read_model_file, count_parameters, describe_model, model_state
 
@@ -182,6 +182,7 @@ class Evaluation:
     scores:torch.Tensor # `[N, K]` class probabilities, views averaged
     labels:torch.Tensor # `[N]` true class ids
     indices:torch.Tensor # `[N]` dataset indices
+    skipped:dict # what could not be read and was left out: a message per dataset index
 
 def _report(failures:dict, # what could not be read: a message per dataset index
             what:str # what the clips were left out of
@@ -195,9 +196,11 @@ def _per_view(run, x):
     b, v = x.shape[:2]
     return run(x.flatten(0, 1)).view(b, v, -1)
 
-def _evaluation(scores:list, labels:list, indices:list) -> Evaluation:
+def _evaluation(scores:list, labels:list, indices:list, skipped:dict, what:str) -> Evaluation:
+    "The `Evaluation` of the scores of the clips read, the others reported."
+    _report(skipped, what)
     scores, labels, indices = torch.cat(scores), torch.cat(labels), torch.cat(indices)
-    return Evaluation(evaluate(scores, labels), scores, labels, indices)
+    return Evaluation(evaluate(scores, labels), scores, labels, indices, skipped)
 
 # %% ../nbs/08_train.ipynb #4d7d266f
 @torch.no_grad()
@@ -221,9 +224,8 @@ def evaluate_online(model:torch.nn.Module, # a `Recognizer`
                 logits = _per_view(model, batch['clip'].to(device)).float()
             scores.append(average_views(logits).cpu()); labels.append(batch['label']); indices.append(batch['index'])
             bar.update(len(batch['index']))
-    _report({i: s.message for i, s in loader.skips.items()}, 'the evaluation')
     if not scores: raise ValueError(f'no clip of {describe_dataset(data)} could be read: nothing to evaluate')
-    return _evaluation(scores, labels, indices)
+    return _evaluation(scores, labels, indices, {i: s.message for i, s in sorted(loader.skips.items())}, 'the evaluation')
 
 # %% ../nbs/08_train.ipynb #9018c9f4
 def check_cache_backbone(model:torch.nn.Module, # a `Recognizer` whose `cls_head` is to run on `cache`
@@ -260,8 +262,8 @@ def evaluate_cached(model:torch.nn.Module, # a `Recognizer`; only its `cls_head`
     features = _cache_views(cache, 0)
     scores = [average_views(_per_view(model.cls_head, features[s:s + batch_size].to(device).float())).cpu()
               for s in range(0, len(features), batch_size)]
-    _report({f['index']: f['error'] for f in cache.failures}, f'the cache {cache.root}')
-    return _evaluation(scores, [cache.labels], [cache.indices])
+    return _evaluation(scores, [cache.labels], [cache.indices], {f['index']: f['error'] for f in cache.failures},
+                       f'the cache {cache.root}')
 
 # %% ../nbs/08_train.ipynb #1c2ef1cc
 class FeatureBatches:
@@ -324,7 +326,7 @@ class CancelEpochException(Exception): "Raise in a callback to end the current e
 class CancelBatchException(Exception): "Raise in a callback to skip the rest of the current batch."
 
 class TrainingInterrupted(KeyboardInterrupt):
-    "Ctrl-C (SIGINT) stopped training after a batch; the run folder's `latest.pth` resumes it."
+    "Ctrl-C (SIGINT) stopped training after a batch; with a run folder, its `latest.pth` resumes the run."
 
 class Callback:
     "An extension point of `Learner`: methods named after the loop's events, called with the learner, in `order`."
@@ -409,7 +411,7 @@ def _batches(self:Learner):
 def _reset_epoch(self:Learner):
     "Zero the running totals of an epoch: loss summed on the device, clips seen, seconds, the last lrs."
     self.loss_sum, self.clips_seen, self.epoch_seconds = torch.zeros((), device=self.device), 0, 0.
-    self.position, self.lrs = 0, [g['lr'] for g in self.optimizer.param_groups]
+    self.position, self.lrs, self.epoch_done = 0, [g['lr'] for g in self.optimizer.param_groups], False
 
 # %% ../nbs/08_train.ipynb #84a05451
 @patch
@@ -438,7 +440,8 @@ def one_batch(self:Learner):
     clips, labels = self.batch['clip'].to(self.device, non_blocking=True), self.batch['label'].to(self.device)
     with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
         self.preds = _per_view(self.run, clips).mean(1)
-    self.loss = F.cross_entropy(self.preds.float(), labels, weight=self.loss_weights)
+    losses = F.cross_entropy(self.preds.float(), labels, reduction='none')
+    self.loss = (losses if self.loss_weights is None else losses * self.loss_weights[labels]).mean()
     self.lrs = [g['lr'] for g in self.optimizer.param_groups]
     self.accumulator.backward(self.loss)
     with warnings.catch_warnings():  # the schedule counts micro-batches, so it may step before the optimizer does
@@ -458,18 +461,31 @@ def one_epoch(self:Learner):
         self.batches.set_epoch(self.epoch, self.position)
         start = time.perf_counter()
         for self.batch in self.batches:
+            self._sync_schedule(self.epoch * self.iters_per_epoch + self.batches.position - 1)
             with self._stage('batch'): self.one_batch()
             self.position = self.batches.position
             if self.interrupted:
                 self.epoch_seconds += time.perf_counter() - start
                 self.callback('after_interrupt')
-                raise TrainingInterrupted(f'training stopped by Ctrl-C in epoch {self.epoch + 1}, iteration {self.iter}')
+                saved = getattr(self, 'saved_to', None)
+                raise TrainingInterrupted(f'training stopped by Ctrl-C in epoch {self.epoch + 1}, iteration {self.iter}: ' +
+                                          (f'{saved} resumes it' if saved else 'nothing was saved (no work_dir)'))
+        self._sync_schedule((self.epoch + 1) * self.iters_per_epoch)
         seconds = self.epoch_seconds + time.perf_counter() - start
         self.history.append(dict(epoch=self.epoch + 1, loss=(self.loss_sum / max(self.clips_seen, 1)).item(), lr=self.lrs,
                                  seconds=seconds, clips=self.clips_seen, clips_per_s=self.clips_seen / max(seconds, 1e-9)))
         self.epoch_done = True
 
-# %% ../nbs/08_train.ipynb #a8b3870b
+# %% ../nbs/08_train.ipynb #43170359
+@patch
+def _sync_schedule(self:Learner, iteration:int # the iteration (micro-batch of the loader, over the run) about to train
+                  ):
+    "Step the schedule to `iteration`, over the loader's batches that gave no clip."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'Detected call of `lr_scheduler.step')
+        while self.schedule.last_epoch < iteration: self.schedule.step()
+
+# %% ../nbs/08_train.ipynb #de355a44
 @patch
 @contextmanager
 def _sigint(self:Learner):
@@ -500,7 +516,7 @@ def fit(self:Learner, resume=None # None: from the start; 'latest' (the run fold
     if not self.settings.cached: _report({i: s.message for i, s in self.batches.skips.items()}, 'training')
     return self.history
 
-# %% ../nbs/08_train.ipynb #9cb6ea70
+# %% ../nbs/08_train.ipynb #ab010ae3
 @patch
 def validate(self:Learner) -> Evaluation:
     "Evaluate the model on `val_data`: the cached head on a validation cache, else every view of every clip."
@@ -536,7 +552,7 @@ def _default_callbacks(self:Learner, work_dir) -> list:
     return ([Validate(self.settings.val_interval)] if self.val_data is not None else []) + \
            ([RunFolder(work_dir)] if work_dir is not None else []) + ([Progress()] if self.progress else [])
 
-# %% ../nbs/08_train.ipynb #0d794ffc
+# %% ../nbs/08_train.ipynb #71552519
 def _fsync_dir(folder:Path):
     "Flush a folder's entries (a rename) to the disk, where the system allows it."
     try: fd = os.open(folder, os.O_RDONLY)
@@ -551,10 +567,14 @@ def write_atomic(path, # the file to (re)place
     "Write `path` through a temporary file, fsync'd then renamed over it: a kill leaves the old file or the new one."
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
@@ -572,7 +592,7 @@ def link_atomic(source, # an existing file
     _fsync_dir(path.parent)
     return path
 
-# %% ../nbs/08_train.ipynb #304d7f80
+# %% ../nbs/08_train.ipynb #1bd5fe39
 def random_states() -> dict:
     "The states of Python's, numpy's and torch's (CPU, CUDA) generators, as tensors and plain numbers."
     version, python, gauss = random.getstate()
@@ -591,16 +611,17 @@ def set_random_states(states:dict # what `random_states` returned
     torch.set_rng_state(states['torch'])
     if states['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(states['cuda'])
 
-# %% ../nbs/08_train.ipynb #50dce68c
+# %% ../nbs/08_train.ipynb #3659c1a7
 TRAINING_FORMAT = 1
 RESUMABLE = ('checkpoint_interval', 'val_interval')  # settings a resumed run may change: they do not change the weights
 
 @patch
 def _data_identity(self:Learner) -> dict:
-    "What identifies the training data: its description and clip count, checked on resume."
+    "What identifies the training data: its description, pipeline (or the cache's identity) and clip count, checked on resume."
     data = self.train_data
-    if isinstance(data, FeatureCache): return dict(source=str(data.root), identity=data.identity['dataset'], clips=data.num_clips)
-    return dict(source=describe_dataset(data), clips=len(data))
+    if isinstance(data, FeatureCache): return dict(source=str(data.root), identity=data.identity, clips=data.num_clips)
+    pipeline = getattr(data, 'pipeline', None)
+    return dict(source=describe_dataset(data), pipeline=None if pipeline is None else describe_pipeline(pipeline), clips=len(data))
 
 @patch
 def checkpoint(self:Learner) -> dict:
@@ -620,7 +641,7 @@ def checkpoint(self:Learner) -> dict:
     return {'uas_model': describe_model(self.model, self.classes, self.pipeline), 'state_dict': model_state(self.model),
             'training': training}
 
-# %% ../nbs/08_train.ipynb #8fd9ddc8
+# %% ../nbs/08_train.ipynb #6d4922d0
 def settings_differences(saved:dict, # the settings a checkpoint was trained with (`asdict(TrainSettings)`)
                          settings:TrainSettings # the settings of the run that would resume it
                         ) -> list:
@@ -646,6 +667,8 @@ def load_checkpoint(self:Learner, resume # 'latest' or a checkpoint file of this
     ckpt, meta = _read_model_file(path)
     state = ckpt.get('training')
     if state is None: raise CheckpointError(f'{path} is a model file without a training state: it can start a run (load_from), not resume one')
+    if state['format'] > TRAINING_FORMAT:
+        raise CheckpointError(f"{path}: a training state of format {state['format']}; this uas reads {TRAINING_FORMAT}: update uas")
     problems = settings_differences(state['settings'], self.settings)
     if state['data'] != self._data_identity():
         problems.append(f"training data: the checkpoint's {state['data']}, this run's {self._data_identity()}")
@@ -663,7 +686,7 @@ def load_checkpoint(self:Learner, resume # 'latest' or a checkpoint file of this
     set_random_states(state['random'])
     self.resumed_from = path
 
-# %% ../nbs/08_train.ipynb #5caff7d3
+# %% ../nbs/08_train.ipynb #2a6ddb42
 def _sha256(path) -> str|None:
     path = Path(path)
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
@@ -671,7 +694,8 @@ def _sha256(path) -> str|None:
 def _data_record(data) -> dict|None:
     "A split's record: its list file and SHA-256 (or cache folder), and its clips."
     if data is None: return None
-    if isinstance(data, FeatureCache): return dict(cache=str(data.root), clips=data.num_clips, extracted=len(data))
+    if isinstance(data, FeatureCache):
+        return dict(cache=str(data.root), dataset=data.identity['dataset'], clips=data.num_clips, extracted=len(data))
     annotations = getattr(data, 'annotations', None)
     source = getattr(annotations, 'source', None)
     return dict(list=str(source) if source else describe_dataset(data), sha256=_sha256(source) if source else None, clips=len(data))
@@ -700,19 +724,20 @@ def record(self:Learner) -> dict:
     metrics = {k[4:]: v for k, v in validated[-1].items() if k.startswith('val_')} if validated else None
     return dict(config=self.info.get('config'), mode=s.mode, training='cached' if s.cached else 'faithful',
                 pretrained=getattr(self.model, 'backbone_origin', None), arch=getattr(self.model, 'arch', None),
-                data=dict(train=_data_record(self.train_data), val=_data_record(self.val_data), **self.info.get('data', {})),
+                data={'train': _data_record(self.train_data), 'val': _data_record(self.val_data), **self.info.get('data', {})},
                 metrics=metrics, metrics_epoch=validated[-1]['epoch'] if validated else None, epochs=len(self.history),
                 train_seconds=sum(h['seconds'] for h in self.history), extraction_seconds=self.info.get('extraction_seconds'),
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({platform.processor() or platform.machine()})',
-                world_size=1, amp=s.amp, trainable_parameters=count_parameters(self.model)[1], settings=asdict(s),
+                world_size=1, amp=s.amp, autocast=str(self.dtype).replace('torch.', '') if self.dtype else None,
+                trainable_parameters=count_parameters(self.model)[1], settings=asdict(s),
                 versions=_versions(), git_commit=_git_commit(), **{k: v for k, v in self.info.items() if k not in ('config', 'data', 'extraction_seconds')})
 
-# %% ../nbs/08_train.ipynb #ac580474
+# %% ../nbs/08_train.ipynb #7fac6e56
 def _drop_partial_line(path:Path):
     "Cut a last line a kill left half-written off `path`, so that the lines appended after it stay readable."
     if not path.is_file(): return
     data = path.read_bytes()
-    if data and not data.endswith(b'\n'): path.write_bytes(data[:data.rfind(b'\n') + 1])
+    if data and not data.endswith(b'\n'): os.truncate(path, data.rfind(b'\n') + 1)
 
 class RunFolder(Callback):
     "Write the run folder `root`: log.jsonl, epoch_N.pth, latest.pth, best.pth and record.json, each atomically."
@@ -730,12 +755,16 @@ class RunFolder(Callback):
         return write_atomic(self.root/name, lambda f: torch.save(state, f))
 
     def before_fit(self, learn):
+        resumed = getattr(learn, 'resumed_from', None)
+        if not resumed and (self.root/'latest.pth').exists():
+            raise FileExistsError(f"{self.root} holds a run already ({self.root/'latest.pth'}): resume it (resume='latest') "
+                                  'or train into another folder')
         self.root.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(self.root/'log.jsonl')
         self.file = open(self.root/'log.jsonl', 'a')
         self.window, self.window_clips, self.window_start = torch.zeros((), device=learn.device), 0, time.perf_counter()
         where = dict(epoch=learn.epoch, iter=learn.iter, position=learn.position)
-        if getattr(learn, 'resumed_from', None): self.log('resume', checkpoint=str(learn.resumed_from), **where)
+        if resumed: self.log('resume', checkpoint=str(resumed), **where)
         else: self.log('start', time=datetime.now(timezone.utc).isoformat(timespec='seconds'), epochs=learn.settings.epochs,
                        iters_per_epoch=learn.iters_per_epoch, mode=learn.settings.mode, cached=learn.settings.cached,
                        settings=asdict(learn.settings))
@@ -746,7 +775,7 @@ class RunFolder(Callback):
         if learn.iter % learn.log_interval: return
         seconds = time.perf_counter() - self.window_start
         self.log('iter', epoch=learn.epoch + 1, iter=learn.iter, loss=(self.window / self.window_clips).item(), lr=learn.lrs,
-                 clips_per_s=self.window_clips / max(seconds, 1e-9))
+                 clips=self.window_clips, clips_per_s=self.window_clips / max(seconds, 1e-9))
         self.window, self.window_clips, self.window_start = torch.zeros((), device=learn.device), 0, time.perf_counter()
 
     def after_epoch(self, learn):
@@ -764,7 +793,7 @@ class RunFolder(Callback):
         os.fsync(self.file.fileno())
 
     def after_interrupt(self, learn):
-        self.save(learn, 'latest.pth')
+        learn.saved_to = self.save(learn, 'latest.pth')
         self.log('interrupt', epoch=learn.epoch + 1, iter=learn.iter, position=learn.position)
 
     def after_fit(self, learn):
