@@ -86,7 +86,7 @@ def test_frozen_parameters_are_left_out():
     assert [g['param_names'] for g in groups] == [['cls_head.fc_cls.weight', 'cls_head.fc_cls.bias']]
     model.cls_head.requires_grad_(False)
     with pytest.raises(ValueError, match='no trainable parameters'): paper_param_groups(model)
-    with pytest.raises(ValueError, match="'paper' or 'clean'"): paper_param_groups(tiny_recognizer(), recipe='timm')
+    with pytest.raises(ValueError, match="'paper', 'clean' or 'plain'"): paper_param_groups(tiny_recognizer(), recipe='timm')
 
 
 def test_groups_reach_adamw():

@@ -563,5 +563,6 @@ d = { 'settings': { 'branch': 'main',
                          'uas.viz._log_records': ('viz.html#_log_records', 'uas/viz.py'),
                          'uas.viz.plot_class_accuracy': ('viz.html#plot_class_accuracy', 'uas/viz.py'),
                          'uas.viz.plot_confusion': ('viz.html#plot_confusion', 'uas/viz.py'),
+                         'uas.viz.plot_efficiency': ('viz.html#plot_efficiency', 'uas/viz.py'),
                          'uas.viz.plot_training_curves': ('viz.html#plot_training_curves', 'uas/viz.py'),
                          'uas.viz.read_training_log': ('viz.html#read_training_log', 'uas/viz.py')}}}

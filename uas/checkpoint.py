@@ -113,6 +113,7 @@ class Head:
     "A checkpoint's classifier (`cls_head.fc_cls`): the Kinetics head of a backbone, or a trained task head."
     weight: torch.Tensor # `[num_classes, channels]`
     bias: torch.Tensor|None = None # `[num_classes]`
+    classes: list|None = None # its class names, when the checkpoint names them (`meta['action_classes']`)
     @property
     def num_classes(self) -> int: return self.weight.shape[0]
     def linear(self) -> nn.Linear:
@@ -215,6 +216,12 @@ def load_backbone(model:nn.Module, # a `SwinTransformer3D` (or any module whose 
     name, ckpt = _read_source(src, trust, progress)
     sd, skipped = unwrap_checkpoint(ckpt, name)
     weights, head, buffers = split_checkpoint(sd, name)
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    names = meta.get('action_classes') if isinstance(meta, dict) else None
+    if head is not None and names is not None:
+        if len(names) != head.num_classes:
+            raise CheckpointError(f"{name}: meta['action_classes'] names {len(names)} classes, its head has {head.num_classes}")
+        head.classes = [str(n) for n in names]
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith('relative_position_index')}
     diff = compare_keys(weights, expected)
     wrong = {m.key for m in diff.mismatched}

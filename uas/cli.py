@@ -251,9 +251,10 @@ def prediction_inputs(source # a video file, a folder, or a list file of paths
 
 # %% ../nbs/10_cli.ipynb #49947005
 def _kinetics_names(model) -> list|None:
-    "The Kinetics class names of the model's Kinetics head, class ids when the label map is out of reach, None without one."
+    "The class names of the model's action head (Kinetics, or those its checkpoint gives), ids when out of reach, None without one."
     head = getattr(model, 'kinetics_head', None)
     if head is None: return None
+    if head.classes: return head.classes
     try: return kinetics_classes(head.num_classes)
     except CheckpointError as e:
         warnings.warn(f'Kinetics class names unavailable ({e}): Kinetics actions are shown by id')

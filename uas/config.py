@@ -88,7 +88,7 @@ class DataSettings:
     test:SplitSettings = field(default_factory=partial(SplitSettings, pipeline='k700_diff_test'))
 
 # %% ../nbs/09_config.ipynb #4f14228c
-RECIPES = ('paper', 'clean')
+RECIPES = ('paper', 'clean', 'plain')
 AMP = ('fp16', 'bf16', 'no')
 
 class ConfigError(ValueError):
@@ -108,7 +108,7 @@ class TrainSettings:
     lr:float = 3e-4 # AdamW learning rate: `optimizer.lr`
     weight_decay:float = 0.05 # `optimizer.weight_decay`
     betas:List[float] = field(default_factory=lambda: [0.9, 0.999]) # `optimizer.betas`
-    recipe:str = 'paper' # 'paper': mmcv's custom keys (backbone lr x0.1, bias tables no decay); 'clean': every rule applies (`uas.train.paper_param_groups`)
+    recipe:str = 'paper' # 'paper': mmcv's custom keys (backbone lr x0.1, bias tables no decay); 'clean': every rule applies; 'plain': one group (`uas.train.paper_param_groups`)
     warmup_epochs:float = 2.5 # linear warm-up length in epochs: `lr_config.warmup_iters` (epochs: the reference sets warmup_by_epoch)
     warmup_ratio:float = 0.1 # the warm-up starts at this fraction of the lr: `lr_config.warmup_ratio`
     checkpoint_interval:int = 1 # save `epoch_N.pth` every this many epochs: `checkpoint_config.interval`

@@ -50,12 +50,14 @@ class UASHead(nn.Module):
 
 # %% ../nbs/05_model.ipynb #50e969de
 class KineticsHead(nn.Module):
-    "A checkpoint's frozen Kinetics classifier, held as buffers so it is never trained."
+    "A checkpoint's frozen Kinetics (or source-action) classifier, held as buffers so it is never trained."
     def __init__(self, weight:torch.Tensor, # `[num_classes, C]`
-                 bias:torch.Tensor|None=None): # `[num_classes]`
+                 bias:torch.Tensor|None=None, # `[num_classes]`
+                 classes:list|None=None): # its class names when the checkpoint gives them (None: Kinetics, by count)
         super().__init__()
-        self.register_buffer('weight', weight.detach().clone())
-        self.register_buffer('bias', None if bias is None else bias.detach().clone())
+        self.classes = classes
+        self.register_buffer('weight', weight.detach().float().clone())  # float32 whatever the file stored
+        self.register_buffer('bias', None if bias is None else bias.detach().float().clone())
 
     @property
     def num_classes(self) -> int: return self.weight.shape[0]
@@ -160,9 +162,9 @@ def _backbone(arch:str, **kw) -> nn.Module:
 def _place_head(model, head, role):
     "Put a checkpoint's head where `role` ('auto' | 'kinetics' | 'task') says."
     if role not in ('auto', 'kinetics', 'task'): raise ValueError(f"head must be 'auto', 'kinetics' or 'task', got {role!r}")
-    if role == 'auto': role = 'kinetics' if head.num_classes in KINETICS_CLASS_COUNTS else 'task'
+    if role == 'auto': role = 'kinetics' if head.num_classes in KINETICS_CLASS_COUNTS or head.classes else 'task'
     if role == 'kinetics':
-        model.kinetics_head = KineticsHead(head.weight, head.bias)
+        model.kinetics_head = KineticsHead(head.weight, head.bias, head.classes)
         return
     fc = model.cls_head.fc_cls
     if tuple(head.weight.shape) != tuple(fc.weight.shape):

@@ -57,17 +57,18 @@ def _clean_rule(name, is_norm, lr, weight_decay):
 def paper_param_groups(model:nn.Module, # a recognizer with `backbone.*` and `cls_head.*` parameters
                        lr:float=3e-4, # the base learning rate (the head's)
                        weight_decay:float=0.05, # the base AdamW weight decay
-                       recipe:str='paper', # 'paper': mmcv's first-matching custom key; 'clean': every rule applies
+                       recipe:str='paper', # 'paper': mmcv's first-matching custom key; 'clean': every rule applies; 'plain': one group
                        custom_keys:dict=PAPER_CUSTOM_KEYS, # the `paper` recipe's mmcv custom keys
                       ) -> list:
     "Optimizer parameter groups (`params`, `param_names`, `lr`, `weight_decay`) of the trainable parameters of `model`."
-    if recipe not in ('paper', 'clean'): raise ValueError(f"recipe must be 'paper' or 'clean', got {recipe!r}")
+    if recipe not in ('paper', 'clean', 'plain'): raise ValueError(f"recipe must be 'paper', 'clean' or 'plain', got {recipe!r}")
     norms = {f'{m_name}.{p_name}'.lstrip('.') for m_name, m in model.named_modules() if isinstance(m, NORM_LAYERS)
              for p_name, _ in m.named_parameters(recurse=False)}
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad: continue
-        if recipe == 'clean': group_lr, group_wd = _clean_rule(name, name in norms, lr, weight_decay)
+        if recipe == 'plain': group_lr, group_wd = lr, weight_decay
+        elif recipe == 'clean': group_lr, group_wd = _clean_rule(name, name in norms, lr, weight_decay)
         else:
             rule = custom_keys.get(match_custom_key(name, custom_keys), {})
             group_lr, group_wd = lr * rule.get('lr_mult', 1.), weight_decay * rule.get('decay_mult', 1.)
