@@ -7,10 +7,11 @@ __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COL
            'Skip', 'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
            'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'clip_seed',
            'balanced_weights', 'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader',
-           'probe_clip', 'check_dataset', 'without_problems']
+           'world', 'init_distributed', 'gather_ranks', 'sum_ranks', 'on_rank0', 'barrier', 'probe_clip',
+           'check_dataset', 'without_problems']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
-import json, logging, random
+import json, logging, os, random
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
+from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
@@ -516,7 +519,7 @@ class ClipLoader:
                 if len(batch['index']): yield batch
             self.epoch += 1
         finally:
-            if reporting and self.report:
+            if reporting and self.report and not (self.sampler.world_size > 1 and dist.is_initialized()):
                 self.dataset.write_skip_report(rank=self.sampler.rank if self.sampler.world_size > 1 else None)
 
 # %% ../nbs/01_data.ipynb #adcd99cb
@@ -544,6 +547,80 @@ def make_loader(dataset, # the clips: a `VideoDataset` or any map-style dataset 
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                         worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed), **kwargs)
     return ClipLoader(dataset, loader, sampler, report)
+
+# %% ../nbs/01_data.ipynb #bcf1e34e
+def world() -> tuple:
+    "`(rank, world_size)` of this process in its process group; `(0, 1)` when it runs alone."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def init_distributed(device=None, # where this process computes; default: its GPU (`cuda:LOCAL_RANK`) if there is one, else the CPU
+                    ) -> torch.device:
+    "Join the process group torchrun describes, once (NCCL on GPUs, gloo on CPUs); the device this process computes on."
+    launched = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if launched and device.type == 'cuda' and device.index is None: device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if launched and not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+            dist.init_process_group('nccl', device_id=device)
+        else: dist.init_process_group('gloo')
+    return device
+
+# %% ../nbs/01_data.ipynb #58e86cb3
+_CPU_GROUPS = {}  # a process group -> a gloo group of the same ranks
+
+def _cpu_group():
+    "A gloo group of every rank (the default group when it runs gloo already), so that small exchanges stay on the CPU."
+    default = dist.group.WORLD
+    if 'gloo' in str(dist.get_backend()): return default
+    if default not in _CPU_GROUPS: _CPU_GROUPS[default] = dist.new_group(backend='gloo')
+    return _CPU_GROUPS[default]
+
+def gather_ranks(obj, # any picklable object
+                 dst:int=None # give the list to this rank only (the others get None); default: to every rank
+                ) -> list|None:
+    "Every rank's `obj`, in rank order (`[obj]` alone)."
+    if not dist.is_initialized(): return [obj]
+    out = [None] * dist.get_world_size()
+    if dst is None: dist.all_gather_object(out, obj, group=_cpu_group())
+    else: dist.gather_object(obj, out if dist.get_rank() == dst else None, dst=dst, group=_cpu_group())
+    return out if dst is None or dist.get_rank() == dst else None
+
+def sum_ranks(x:int) -> int:
+    "The sum of the integer `x` over every rank (`x` alone)."
+    if not dist.is_initialized(): return x
+    total = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(total, group=_cpu_group())
+    return int(total.item())
+
+def on_rank0(job # a function of no argument
+            ):
+    "Run `job()` on rank 0 alone and return its result on every rank; its exception is raised on every rank."
+    result, error = None, None
+    if world()[0] == 0:
+        try: result = job()
+        except Exception as e: error = e
+    if dist.is_initialized():
+        shared = [(result, error)]
+        dist.broadcast_object_list(shared, src=0, group=_cpu_group())
+        result, error = shared[0]
+    if error is not None: raise error
+    return result
+
+def barrier():
+    "Wait until every rank gets here."
+    if dist.is_initialized(): dist.barrier(group=_cpu_group())
+
+# %% ../nbs/01_data.ipynb #5258bdae
+@patch
+def gather_skips(self:ClipLoader):
+    "Merge every rank's skips into `skips` and the dataset's skip report, which rank 0 writes (every rank calls it at once)."
+    for skips in gather_ranks(self.skips):
+        for index, skip in skips.items(): self.skips.setdefault(index, skip)
+    if not isinstance(self.dataset, SkipReport): return
+    self.dataset.record_skips(list(self.skips.values()))
+    if self.report and world()[0] == 0: self.dataset.write_skip_report()
 
 # %% ../nbs/01_data.ipynb #c7415124
 def probe_clip(path, # the clip file
