@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .backbone import pool
-from .data import SkipReport, Skip, make_loader
+from .data import SkipReport, Skip, barrier, init_distributed, make_loader, on_rank0, world
 
 # %% ../nbs/06_features.ipynb #edd44fad
 def weights_hash(module:torch.nn.Module|dict # the backbone whose weights (parameters, buffers) identify the cache, or its state dict
@@ -200,6 +200,27 @@ def _pipeline_of(dataset):
     "The pipeline of a dataset (or of the dataset under a `Subset`), else None."
     return _pipeline_of(dataset.dataset) if isinstance(dataset, Subset) else getattr(dataset, 'pipeline', None)
 
+def _work_left(root:Path, # the cache's folder
+               identity:dict, # what the cache must have been made with (`cache_identity`)
+               num_clips:int, # the dataset's clips
+               shard_size:int # clips per shard
+              ) -> dict:
+    "Shard -> the clips to extract into it: every clip of a missing shard, the failed clips of a finished one."
+    if (root/'manifest.json').exists():
+        cache = FeatureCache(root, expect=identity)
+        if (cache.num_clips, cache.shard_size) != (num_clips, shard_size):
+            raise CacheMismatchError(f'{root} holds {cache.num_clips} clips in shards of {cache.shard_size}, '
+                                     f'asked {num_clips} in shards of {shard_size}')
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        _save_atomic(json.dumps(dict(identity=identity, num_clips=num_clips, shard_size=shard_size), indent=1),
+                     root/'manifest.json')
+        cache = FeatureCache(root)
+    for tmp in root.glob('*.tmp'): tmp.unlink()
+    todo = {i: list(cache.shard_range(i)) for i in range(cache.num_shards) if not cache.shard_path(i).exists()}
+    for f in (cache.failures if cache.done() else []): todo.setdefault(f['index'] // shard_size, []).append(f['index'])
+    return todo
+
 def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, H, W]` -> `[N, C, T', H', W']`
                      dataset, # map-style dataset of `{'clip': [V, 3, T, H, W], 'label', 'index'}`, e.g. `uas.data.VideoDataset`
                      cache_dir, # the cache's folder (created, or resumed when it exists)
@@ -208,48 +229,43 @@ def extract_features(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T,
                      aug_views:int=1, # draws of the pipeline per clip: >1 with a random pipeline is feature-space augmentation
                      pooled:bool=True, # store pooled `[C]` features, else whole maps `[C, T', H', W']`
                      dtype:str='float16', # dtype on disk: 'float16' (default) or 'float32'
-                     shard_size:int=64, # clips per shard: the most a killed run can lose
+                     shard_size:int=64, # clips per shard: the most a killed run can lose, and the unit of work of a rank
                      batch_size:int=8, # clip draws per backbone call
                      num_workers:int=0, # DataLoader workers reading clips
-                     device=None, # default: 'cuda' when available, else 'cpu'
+                     device=None, # default: 'cuda' when available (under torchrun: this rank's GPU), else 'cpu'
                      amp:bool=None, # bfloat16 autocast of the backbone; default: on a GPU
                      seed:int=0, # seed of the augmentation draws
                      progress:bool=True, # show a progress bar (clips, clips/s)
                     ) -> FeatureCache:
-    "Extract (or finish extracting) the features of `dataset` into `cache_dir`, checked against an existing cache."
+    "Extract (or finish extracting) the features of `dataset` into `cache_dir`, checked against an existing cache; under torchrun, every rank a share of the shards."
     if len(dataset) == 0: raise ValueError(f'the dataset {describe_dataset(dataset)} has no clips to extract')
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = init_distributed(device)
+    rank, ranks = world()
     amp = device.type == 'cuda' if amp is None else amp
     pipeline = pipeline if pipeline is not None else _pipeline_of(dataset)
     identity = cache_identity(backbone, pipeline, dataset, arch, aug_views, pooled, dtype, seed, amp)
     root = Path(cache_dir)
-    if (root/'manifest.json').exists():
-        cache = FeatureCache(root, expect=identity)
-        if (cache.num_clips, cache.shard_size) != (len(dataset), shard_size):
-            raise CacheMismatchError(f'{root} holds {cache.num_clips} clips in shards of {cache.shard_size}, '
-                                     f'asked {len(dataset)} in shards of {shard_size}')
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        _save_atomic(json.dumps(dict(identity=identity, num_clips=len(dataset), shard_size=shard_size), indent=1),
-                     root/'manifest.json')
-        cache = FeatureCache(root)
-    for tmp in root.glob('*.tmp'): tmp.unlink()
-    todo = {i: list(cache.shard_range(i)) for i in range(cache.num_shards) if not cache.shard_path(i).exists()}
-    for f in (cache.failures if cache.done() else []): todo.setdefault(f['index'] // shard_size, []).append(f['index'])
+    todo = on_rank0(lambda: _work_left(root, identity, len(dataset), shard_size))
+    cache = FeatureCache(root, expect=identity)  # every rank checks its own backbone against the manifest
+    mine = {i: todo[i] for i in sorted(todo)[rank::ranks]}
     was_training = backbone.training
     backbone, start = backbone.eval().to(device), time.perf_counter()
     try:
-        with tqdm(total=aug_views * sum(map(len, todo.values())), unit='clip' if aug_views == 1 else 'draw',
-                  disable=not progress, desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done)') as bar:
-            for i, clips in sorted(todo.items()):
+        with tqdm(total=aug_views * sum(map(len, mine.values())), unit='clip' if aug_views == 1 else 'draw',
+                  disable=not progress or rank > 0, desc=f'features ({cache.num_shards - len(todo)}/{cache.num_shards} shards done'
+                  + (f'; rank 0 of {ranks})' if ranks > 1 else ')')) as bar:
+            for i, clips in sorted(mine.items()):
                 shard = _extract_shard(backbone, dataset, clips, aug_views, batch_size, num_workers, device, pooled, dtype,
                                        amp, seed, bar)
                 if cache.shard_path(i).exists(): shard = _merge_shards(torch.load(cache.shard_path(i), weights_only=True), shard)
                 _save_atomic(shard, cache.shard_path(i))
     finally: backbone.train(was_training)
+    barrier()
     cache = FeatureCache(root)
+    if rank > 0: return cache
     if todo and progress:
-        print(f'extracted {sum(map(len, todo.values()))} clips in {time.perf_counter() - start:.1f}s into {root}')
+        print(f'extracted {sum(map(len, todo.values()))} clips in {time.perf_counter() - start:.1f}s into {root}'
+              + (f' ({ranks} processes)' if ranks > 1 else ''))
     if isinstance(dataset, SkipReport): _write_skips(dataset, cache)
     if cache.failures:
         warnings.warn(f'{len(cache.failures)} of {cache.num_clips} clips failed and are left out of {root}: ' +
