@@ -12,7 +12,7 @@ __all__ = ['PAPER_CUSTOM_KEYS', 'NORM_LAYERS', 'AMP_DTYPES', 'TRAINING_FORMAT', 
 
 # %% ../nbs/08_train.ipynb #c7208a26
 import hashlib, inspect, json, math, os, platform, random, signal, subprocess, threading, time, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -22,15 +22,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import TrainSettings
 from .data import ClipSampler, VideoDataset, balanced_weights, make_loader
+from .data import gather_ranks, init_distributed, sum_ranks, world
 from .features import CacheMismatchError, FeatureCache, describe_dataset, describe_pipeline, weights_hash
 from .metrics import average_views, evaluate
 from .model import _load_weights, _read_model_file, count_parameters, describe_model, model_state
@@ -188,14 +191,24 @@ class Evaluation:
 def _report(failures:dict, # what could not be read: a message per dataset index
             what:str # what the clips were left out of
            ):
-    "Warn once, naming every clip left out of `what`."
-    if failures: warnings.warn(f'{len(failures)} clips could not be read and were left out of {what}: ' +
-                               '; '.join(f'#{i}: {e}' for i, e in sorted(failures.items())))
+    "Warn once (on rank 0 under torchrun), naming every clip left out of `what`."
+    if failures and world()[0] == 0:
+        warnings.warn(f'{len(failures)} clips could not be read and were left out of {what}: ' +
+                      '; '.join(f'#{i}: {e}' for i, e in sorted(failures.items())))
 
 def _per_view(run, x):
     "Logits `[B, V, K]` of `x [B, V, ...]`: `run` on the `B*V` views at once."
     b, v = x.shape[:2]
     return run(x.flatten(0, 1)).view(b, v, -1)
+
+def _every_rank(scores:list, labels:list, indices:list) -> tuple:
+    "The batches' scores, labels and indices of every rank, in dataset order (this process's alone)."
+    if world()[1] == 1: return scores, labels, indices
+    parts = gather_ranks((scores, labels, indices))
+    scores, labels, indices = ([t for part in parts for t in part[k]] for k in range(3))
+    if not indices: return scores, labels, indices
+    order = torch.cat(indices).argsort()
+    return [torch.cat(scores)[order]], [torch.cat(labels)[order]], [torch.cat(indices)[order]]
 
 def _evaluation(scores:list, labels:list, indices:list, skipped:dict, what:str) -> Evaluation:
     "The `Evaluation` of the scores of the clips read, the others reported."
@@ -213,18 +226,21 @@ def evaluate_online(model:torch.nn.Module, # a `Recognizer`
                     amp:str=None, # autocast: 'bf16', 'fp16' or 'no' (default: bf16 on a GPU)
                     progress:bool=True, # show a progress bar (clips)
                    ) -> Evaluation:
-    "Scores of `model` on every readable clip of `data`, views averaged as softmax probabilities, and their metrics."
+    "Scores of `model` on every readable clip of `data`, views averaged as softmax probabilities, and their metrics; in a process group every rank scores its share (all ranks call it)."
     device = torch.device(device) if device else next(model.cls_head.parameters()).device
     dtype = amp_dtype(amp, device)
+    rank, ranks = world()
     model.eval()
     scores, labels, indices = [], [], []
-    loader = make_loader(data, batch_size=batch_size, test_mode=True, num_workers=num_workers)
-    with tqdm(total=len(data), unit='clip', desc='evaluate', disable=not progress, leave=False) as bar:
+    loader = make_loader(data, batch_size=batch_size, test_mode=True, num_workers=num_workers, rank=rank, world_size=ranks)
+    with tqdm(total=len(loader.sampler), unit='clip', desc='evaluate', disable=not progress or rank > 0, leave=False) as bar:
         for batch in loader:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = _per_view(model, batch['clip'].to(device)).float()
             scores.append(average_views(logits).cpu()); labels.append(batch['label']); indices.append(batch['index'])
             bar.update(len(batch['index']))
+    if ranks > 1: loader.gather_skips()
+    scores, labels, indices = _every_rank(scores, labels, indices)
     if not scores: raise ValueError(f'no clip of {describe_dataset(data)} could be read: nothing to evaluate')
     return _evaluation(scores, labels, indices, {i: s.message for i, s in sorted(loader.skips.items())}, 'the evaluation')
 
@@ -273,10 +289,12 @@ class FeatureBatches:
                  batch_size:int, # clips per micro-batch, before the failed ones are left out
                  seed:int=0, # the run's seed: the order of each epoch
                  device='cpu', # where the features wait (moved there once)
-                 weights=None # a sampling weight per listed clip (class balancing), or None
+                 weights=None, # a sampling weight per listed clip (class balancing), or None
+                 rank:int=0, # this process's share of each epoch ...
+                 world_size:int=1, # ... among this many processes (`uas.data.ClipSampler`)
                 ):
         self.cache, self.batch_size = cache, batch_size
-        self.sampler = ClipSampler(cache.num_clips, seed=seed, weights=weights)
+        self.sampler = ClipSampler(cache.num_clips, seed=seed, weights=weights, rank=rank, world_size=world_size)
         self.features, self.labels = cache.features.to(device), cache.labels.to(device)
         self.row = torch.full((cache.num_clips,), -1, dtype=torch.long)
         self.row[cache.indices] = torch.arange(len(cache.indices))
@@ -343,7 +361,7 @@ class Learner:
                  val_data=None, # the same for validation, or None
                  work_dir=None, # the run folder (`RunFolder`: log, checkpoints, record); None writes nothing
                  cbs:list=None, # more callbacks
-                 device=None, # default: 'cuda' when available
+                 device=None, # default: 'cuda' when available (under torchrun: this rank's GPU)
                  num_workers:int=0, # loader worker processes (online)
                  classes:list=None, # class names for the model files (default: the training data's, if it has them)
                  pipeline=None, # the test pipeline the model files name (`uas.model.pipeline_spec`)
@@ -355,7 +373,8 @@ class Learner:
         self.info, self.num_workers, self.progress, self.log_interval = dict(info or {}), num_workers, progress, log_interval
         if getattr(model, 'mode', None) != settings.mode:
             raise ValueError(f"the settings train mode {settings.mode!r}, the model was built for mode {getattr(model, 'mode', None)!r}")
-        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.device = init_distributed(device)
+        (self.rank, self.world_size), self.distributed = world(), dist.is_initialized()
         model.to(self.device)
         self._check_data()
         self.classes = classes if classes is not None else getattr(train_data, 'classes', None)
@@ -365,7 +384,7 @@ class Learner:
         self.dtype = amp_dtype(settings.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.batches = self._batches()
-        self.iters_per_epoch = len(self.batches)
+        self.iters_per_epoch = max(gather_ranks(len(self.batches)))  # rank 0's share is the largest
         self.optimizer = torch.optim.AdamW(paper_param_groups(model, settings.lr, settings.weight_decay, settings.recipe),
                                            betas=tuple(settings.betas))
         self.schedule = paper_schedule(self.optimizer, settings.epochs, self.iters_per_epoch, settings.warmup_epochs,
@@ -373,8 +392,9 @@ class Learner:
         self.accumulator = GradientAccumulator(self.optimizer, settings.update_interval, self.scaler)
         labels = listed_labels(train_data) if settings.class_weighted_loss else None
         self.loss_weights = None if labels is None else class_weights(labels, model.cls_head.num_classes).to(self.device)
-        self.run = model.cls_head if settings.cached else model
+        self.run = self._parallel(model.cls_head if settings.cached else model)
         self.epoch, self.iter, self.history, self.best, self.evaluation, self.epoch_done = 0, 0, [], None, None, False
+        self._stand_in_batch = None
         self._reset_epoch()
         self.cbs = sorted(self._default_callbacks(work_dir) + list(cbs or []), key=lambda cb: cb.order)
 
@@ -397,6 +417,8 @@ def _check_data(self:Learner):
         for name, data in splits.items():
             if isinstance(data, FeatureCache):
                 raise TypeError(f'{name} is a feature cache: set train.cached=True (mode uas) to train on it')
+    clips = self.train_data.num_clips if self.settings.cached else len(self.train_data)
+    if clips < self.world_size: raise ValueError(f'{clips} training clips for {self.world_size} processes: each needs one at least')
 
 @patch
 def _batches(self:Learner):
@@ -405,8 +427,9 @@ def _batches(self:Learner):
     weights = balanced_weights(listed_labels(self.train_data)) if s.class_balanced_sampler else None
     if s.cached:
         if weights is not None: weights[listed_labels(self.train_data) < 0] = 0
-        return FeatureBatches(self.train_data, s.micro_batch, s.seed, self.device, weights)
-    return make_loader(self.train_data, batch_size=s.micro_batch, num_workers=self.num_workers, seed=s.seed, weights=weights)
+        return FeatureBatches(self.train_data, s.micro_batch, s.seed, self.device, weights, self.rank, self.world_size)
+    return make_loader(self.train_data, batch_size=s.micro_batch, num_workers=self.num_workers, seed=s.seed, weights=weights,
+                       rank=self.rank, world_size=self.world_size)
 
 @patch
 def _reset_epoch(self:Learner):
@@ -438,19 +461,24 @@ def _stage(self:Learner, name:str):
 @patch
 def one_batch(self:Learner):
     "Forward, loss, backward and (every `update_interval` micro-batches) an optimizer step on `self.batch`."
-    clips, labels = self.batch['clip'].to(self.device, non_blocking=True), self.batch['label'].to(self.device)
-    with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-        self.preds = _per_view(self.run, clips).mean(1)
-    losses = F.cross_entropy(self.preds.float(), labels, reduction='none')
-    self.loss = (losses if self.loss_weights is None else losses * self.loss_weights[labels]).mean()
-    self.lrs = [g['lr'] for g in self.optimizer.param_groups]
-    self.accumulator.backward(self.loss)
+    clips, labels = self.batch['clip'], self.batch['label']
+    mine, total = len(labels), sum_ranks(len(labels))
+    if not total: raise CancelBatchException()  # every clip of this batch, on every rank, failed to load
+    if not mine: clips, labels = self._stand_in()
+    clips, labels = clips.to(self.device, non_blocking=True), labels.to(self.device)
+    with self._sync_unless_stepping():
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            self.preds = _per_view(self.run, clips).mean(1)
+        losses = F.cross_entropy(self.preds.float(), labels, reduction='none')
+        self.loss = (losses if self.loss_weights is None else losses * self.loss_weights[labels]).mean()
+        self.lrs = [g['lr'] for g in self.optimizer.param_groups]
+        self.accumulator.backward(self.loss * (mine * self.world_size / total))
     with warnings.catch_warnings():  # the schedule counts micro-batches, so it may step before the optimizer does
         warnings.filterwarnings('ignore', 'Detected call of `lr_scheduler.step')
         self.schedule.step()
     self.iter += 1
-    self.loss_sum += self.loss.detach() * len(labels)
-    self.clips_seen += len(labels)
+    self.loss_sum += self.loss.detach() * mine
+    self.clips_seen += mine
 
 # %% ../nbs/08_train.ipynb #9213ff55
 @patch
@@ -461,20 +489,22 @@ def one_epoch(self:Learner):
         self.epoch_done = False
         self.batches.set_epoch(self.epoch, self.position)
         start = time.perf_counter()
-        for self.batch in self.batches:
-            self._sync_schedule(self.epoch * self.iters_per_epoch + self.batches.position - 1)
+        for position, self.batch in self._positions():
+            self._sync_schedule(self.epoch * self.iters_per_epoch + position - 1)
             with self._stage('batch'): self.one_batch()
-            self.position = self.batches.position
-            if self.interrupted:
+            self.position = position
+            if self._stop_asked():
                 self.epoch_seconds += time.perf_counter() - start
                 self.callback('after_interrupt')
                 saved = getattr(self, 'saved_to', None)
                 raise TrainingInterrupted(f'training stopped by Ctrl-C in epoch {self.epoch + 1}, iteration {self.iter}: ' +
                                           (f'{saved} resumes it' if saved else 'nothing was saved (no work_dir)'))
         self._sync_schedule((self.epoch + 1) * self.iters_per_epoch)
+        if self.distributed and not self.settings.cached: self.batches.gather_skips()
         seconds = self.epoch_seconds + time.perf_counter() - start
-        self.history.append(dict(epoch=self.epoch + 1, loss=(self.loss_sum / max(self.clips_seen, 1)).item(), lr=self.lrs,
-                                 seconds=seconds, clips=self.clips_seen, clips_per_s=self.clips_seen / max(seconds, 1e-9)))
+        loss, clips, rank_clips = self.mean_loss(self.loss_sum, self.clips_seen)
+        self.history.append(dict(epoch=self.epoch + 1, loss=loss, lr=self.lrs, seconds=seconds, clips=clips,
+                                 clips_per_s=clips / max(seconds, 1e-9), **(dict(rank_clips=rank_clips) if self.distributed else {})))
         self.epoch_done = True
 
 # %% ../nbs/08_train.ipynb #43170359
@@ -517,6 +547,62 @@ def fit(self:Learner, resume=None # None: from the start; 'latest' (the run fold
     if not self.settings.cached: _report({i: s.message for i, s in self.batches.skips.items()}, 'training')
     return self.history
 
+# %% ../nbs/08_train.ipynb #437d335a
+@patch
+def _parallel(self:Learner, module:nn.Module # what runs in training: the model, or its head on cached features
+             ) -> nn.Module:
+    "`module` under `DistributedDataParallel` in a process group (its trainable gradients averaged over the ranks), else itself."
+    if not self.distributed: return module
+    return DistributedDataParallel(module, device_ids=[self.device] if self.device.type == 'cuda' else None)
+
+# %% ../nbs/08_train.ipynb #1fc7015d
+@patch
+def _positions(self:Learner):
+    "`(position, batch)` of the epoch from `self.position` on; in a process group every position, empty where this rank has no clip."
+    batches = iter(self.batches)
+    if not self.distributed:
+        for batch in batches: yield self.batches.position, batch
+        return
+    empty = {'clip': torch.empty(0), 'label': torch.empty(0, dtype=torch.long)}
+    batch = next(batches, None)
+    for position in range(self.position + 1, self.iters_per_epoch + 1):
+        if batch is not None and self.batches.position == position:
+            yield position, batch
+            batch = next(batches, None)
+        else: yield position, empty
+
+@patch
+def _stand_in(self:Learner) -> tuple:
+    "`(clips, labels)` of one clip for a rank with none in a batch the others train on: the first readable one of the training data."
+    if self._stand_in_batch is None:
+        if self.settings.cached: self._stand_in_batch = _cache_views(self.train_data, 0)[:1].float(), self.train_data.labels[:1]
+        else:
+            first = next(iter(make_loader(self.train_data, test_mode=True, report=False)), None)
+            if first is None: raise ValueError(f'no clip of {describe_dataset(self.train_data)} can be read')
+            self._stand_in_batch = first['clip'], first['label']
+    return self._stand_in_batch
+
+# %% ../nbs/08_train.ipynb #1c6c1501
+@patch
+def _sync_unless_stepping(self:Learner):
+    "DDP's `no_sync()` unless the optimizer steps after this micro-batch: the gradient then stays on this rank, summed into the next."
+    stepping = (self.accumulator.iteration + 1) % self.accumulator.update_interval == 0
+    return self.run.no_sync() if self.distributed and not stepping else nullcontext()
+
+@patch
+def mean_loss(self:Learner, loss_sum:torch.Tensor, # the loss summed over this rank's clips
+              clips:int # this rank's clips
+             ) -> tuple:
+    "`(mean loss, clips, each rank's clips)` over every rank (this process alone)."
+    parts = gather_ranks((loss_sum.detach().cpu(), clips))
+    total = sum(n for _, n in parts)
+    return (sum(s for s, _ in parts) / max(total, 1)).item(), total, [n for _, n in parts]
+
+@patch
+def _stop_asked(self:Learner) -> bool:
+    "Whether a Ctrl-C asked training to stop after this batch, here or on any other rank: every rank stops after the same batch."
+    return sum_ranks(int(self.interrupted)) > 0
+
 # %% ../nbs/08_train.ipynb #ab010ae3
 @patch
 def validate(self:Learner) -> Evaluation:
@@ -549,9 +635,9 @@ class Progress(Callback):
 
 @patch
 def _default_callbacks(self:Learner, work_dir) -> list:
-    "Validation when there is validation data, the run folder when there is a `work_dir`, progress bars when asked."
+    "Validation when there is validation data, the run folder when there is a `work_dir`, progress bars when asked (rank 0)."
     return ([Validate(self.settings.val_interval)] if self.val_data is not None else []) + \
-           ([RunFolder(work_dir)] if work_dir is not None else []) + ([Progress()] if self.progress else [])
+           ([RunFolder(work_dir)] if work_dir is not None else []) + ([Progress()] if self.progress and self.rank == 0 else [])
 
 # %% ../nbs/08_train.ipynb #71552519
 def _fsync_dir(folder:Path):
@@ -613,7 +699,7 @@ def set_random_states(states:dict # what `random_states` returned
     if states['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(states['cuda'])
 
 # %% ../nbs/08_train.ipynb #3659c1a7
-TRAINING_FORMAT = 1
+TRAINING_FORMAT = 2  # 2: the world size, and under torchrun each rank's gradients and random states in `ranks`
 RESUMABLE = ('checkpoint_interval', 'val_interval')  # settings a resumed run may change: they do not change the weights
 
 @patch
@@ -626,18 +712,21 @@ def _data_identity(self:Learner) -> dict:
 
 @patch
 def checkpoint(self:Learner) -> dict:
-    "What `latest.pth` holds now: the model file's content and the training state that resumes the run exactly."
+    "What `latest.pth` holds now: the model file's content and the training state that resumes the run exactly (on rank 0; None on the others)."
     params = dict(self.model.named_parameters())
     window = self.accumulator.iteration % self.accumulator.update_interval
     grads = {n: p.grad.detach().cpu() for n, p in params.items() if window and p.grad is not None}
     running = dict(epoch=self.epoch, position=self.position, loss_sum=self.loss_sum.cpu(), clips_seen=self.clips_seen,
                    epoch_seconds=self.epoch_seconds)
     if self.epoch_done: running.update(epoch=self.epoch + 1, position=0, loss_sum=torch.zeros(()), clips_seen=0, epoch_seconds=0.)
-    training = dict(format=TRAINING_FORMAT, settings=asdict(self.settings), data=self._data_identity(), **running,
-                    iter=self.iter, iters_per_epoch=self.iters_per_epoch, optimizer=self.optimizer.state_dict(),
-                    schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict() if self.scaler else None,
-                    accumulated=self.accumulator.iteration, grads=grads, lrs=self.lrs, history=self.history, best=self.best,
-                    random=random_states(),
+    own = dict(grads=grads, random=random_states())
+    ranks = gather_ranks(own, dst=0) if self.distributed else None
+    if self.rank > 0: return None
+    training = dict(format=TRAINING_FORMAT, settings=asdict(self.settings), data=self._data_identity(),
+                    world_size=self.world_size, **running, iter=self.iter, iters_per_epoch=self.iters_per_epoch,
+                    optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler else None, accumulated=self.accumulator.iteration,
+                    lrs=self.lrs, history=self.history, best=self.best, **(dict(ranks=ranks) if ranks else own),
                     time=datetime.now(timezone.utc).isoformat(timespec='seconds'))
     return {'uas_model': describe_model(self.model, self.classes, self.pipeline), 'state_dict': model_state(self.model),
             'training': training}
@@ -671,6 +760,9 @@ def load_checkpoint(self:Learner, resume # 'latest' or a checkpoint file of this
     if state['format'] > TRAINING_FORMAT:
         raise CheckpointError(f"{path}: a training state of format {state['format']}; this uas reads {TRAINING_FORMAT}: update uas")
     problems = settings_differences(state['settings'], self.settings)
+    if state.get('world_size', 1) != self.world_size:
+        problems.append(f"world size: the checkpoint was trained by {state.get('world_size', 1)} processes, this run has "
+                        f'{self.world_size} (resume it with as many)')
     if state['data'] != self._data_identity():
         problems.append(f"training data: the checkpoint's {state['data']}, this run's {self._data_identity()}")
     if problems: raise CheckpointError(f'{path} was made by another run:\n  ' + '\n  '.join(problems))
@@ -679,12 +771,13 @@ def load_checkpoint(self:Learner, resume # 'latest' or a checkpoint file of this
     self.schedule.load_state_dict(state['schedule'])
     if self.scaler: self.scaler.load_state_dict(state['scaler'])
     self.accumulator.iteration = state['accumulated']
+    own = state['ranks'][self.rank] if 'ranks' in state else state
     params = dict(self.model.named_parameters())
-    for name, grad in state['grads'].items(): params[name].grad = grad.to(self.device)
+    for name, grad in own['grads'].items(): params[name].grad = grad.to(self.device)
     self.epoch, self.position, self.iter, self.history, self.best = (state[k] for k in ('epoch', 'position', 'iter', 'history', 'best'))
     self.loss_sum, self.clips_seen = state['loss_sum'].to(self.device), state['clips_seen']
     self.epoch_seconds, self.lrs = state['epoch_seconds'], state['lrs']
-    set_random_states(state['random'])
+    set_random_states(own['random'])
     self.resumed_from = path
 
 # %% ../nbs/08_train.ipynb #2a6ddb42
@@ -718,6 +811,13 @@ def _git_commit() -> str|None:
     return commit.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
 
 @patch
+def _skipped(self:Learner) -> dict:
+    "The clips left out of training and of the last validation, every rank's: a message per dataset index."
+    train = ({f['index']: f['error'] for f in self.train_data.failures} if self.settings.cached
+             else {i: s.message for i, s in sorted(self.batches.skips.items())})
+    return dict(train=train, val=self.evaluation.skipped if self.evaluation is not None else {})
+
+@patch
 def record(self:Learner) -> dict:
     "The run's `record.json`: what ran, on what, with what result, how long and with which code."
     s, device = self.settings, self.device
@@ -729,8 +829,8 @@ def record(self:Learner) -> dict:
                 metrics=metrics, metrics_epoch=validated[-1]['epoch'] if validated else None, epochs=len(self.history),
                 train_seconds=sum(h['seconds'] for h in self.history), extraction_seconds=self.info.get('extraction_seconds'),
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({platform.processor() or platform.machine()})',
-                world_size=1, amp=s.amp, autocast=str(self.dtype).replace('torch.', '') if self.dtype else None,
-                trainable_parameters=count_parameters(self.model)[1], settings=asdict(s),
+                world_size=self.world_size, amp=s.amp, autocast=str(self.dtype).replace('torch.', '') if self.dtype else None,
+                skipped=self._skipped(), trainable_parameters=count_parameters(self.model)[1], settings=asdict(s),
                 versions=_versions(), git_commit=_git_commit(), **{k: v for k, v in self.info.items() if k not in ('config', 'data', 'extraction_seconds')})
 
 # %% ../nbs/08_train.ipynb #7fac6e56
@@ -741,42 +841,45 @@ def _drop_partial_line(path:Path):
     if data and not data.endswith(b'\n'): os.truncate(path, data.rfind(b'\n') + 1)
 
 class RunFolder(Callback):
-    "Write the run folder `root`: log.jsonl, epoch_N.pth, latest.pth, best.pth and record.json, each atomically."
+    "Write the run folder `root`: log.jsonl, epoch_N.pth, latest.pth, best.pth and record.json, each atomically (rank 0 writes)."
     order = 30
-    def __init__(self, root): self.root = Path(root)
+    def __init__(self, root): self.root, self.file = Path(root), None
 
     def log(self, event:str, **fields):
-        "Append one event to log.jsonl."
+        "Append one event to log.jsonl (on rank 0; nothing on the others)."
+        if self.file is None: return
         self.file.write(json.dumps(dict(event=event, **fields)) + '\n')
         self.file.flush()
 
-    def save(self, learn, name:str) -> Path:
-        "Write the learner's checkpoint to `name` atomically."
+    def save(self, learn, name:str) -> Path|None:
+        "Write the learner's checkpoint to `name` atomically (every rank takes part; rank 0 writes)."
         state = learn.checkpoint()
-        return write_atomic(self.root/name, lambda f: torch.save(state, f))
+        return None if state is None else write_atomic(self.root/name, lambda f: torch.save(state, f))
 
     def before_fit(self, learn):
         resumed = getattr(learn, 'resumed_from', None)
         if not resumed and (self.root/'latest.pth').exists():
             raise FileExistsError(f"{self.root} holds a run already ({self.root/'latest.pth'}): resume it (resume='latest') "
                                   'or train into another folder')
+        self.window, self.window_clips, self.window_start = torch.zeros((), device=learn.device), 0, time.perf_counter()
+        if learn.rank > 0: return
         self.root.mkdir(parents=True, exist_ok=True)
         _drop_partial_line(self.root/'log.jsonl')
         self.file = open(self.root/'log.jsonl', 'a')
-        self.window, self.window_clips, self.window_start = torch.zeros((), device=learn.device), 0, time.perf_counter()
         where = dict(epoch=learn.epoch, iter=learn.iter, position=learn.position)
         if resumed: self.log('resume', checkpoint=str(resumed), **where)
         else: self.log('start', time=datetime.now(timezone.utc).isoformat(timespec='seconds'), epochs=learn.settings.epochs,
                        iters_per_epoch=learn.iters_per_epoch, mode=learn.settings.mode, cached=learn.settings.cached,
-                       settings=asdict(learn.settings))
+                       world_size=learn.world_size, settings=asdict(learn.settings))
 
     def after_batch(self, learn):
         self.window += learn.loss.detach() * len(learn.batch['label'])
         self.window_clips += len(learn.batch['label'])
         if learn.iter % learn.log_interval: return
         seconds = time.perf_counter() - self.window_start
-        self.log('iter', epoch=learn.epoch + 1, iter=learn.iter, loss=(self.window / self.window_clips).item(), lr=learn.lrs,
-                 clips=self.window_clips, clips_per_s=self.window_clips / max(seconds, 1e-9))
+        loss, clips, _ = learn.mean_loss(self.window, self.window_clips)
+        self.log('iter', epoch=learn.epoch + 1, iter=learn.iter, loss=loss, lr=learn.lrs, clips=clips,
+                 clips_per_s=clips / max(seconds, 1e-9))
         self.window, self.window_clips, self.window_start = torch.zeros((), device=learn.device), 0, time.perf_counter()
 
     def after_epoch(self, learn):
@@ -789,16 +892,20 @@ class RunFolder(Callback):
         else: better = False
         keep = done % learn.settings.checkpoint_interval == 0 or done == learn.settings.epochs
         saved = self.save(learn, f'epoch_{done}.pth' if keep else 'latest.pth')
+        if saved is None: return
         if keep: link_atomic(saved, self.root/'latest.pth')
         if better: link_atomic(saved, self.root/'best.pth')
         os.fsync(self.file.fileno())
 
     def after_interrupt(self, learn):
-        learn.saved_to = self.save(learn, 'latest.pth')
+        self.save(learn, 'latest.pth')
+        learn.saved_to = self.root/'latest.pth'
         self.log('interrupt', epoch=learn.epoch + 1, iter=learn.iter, position=learn.position)
 
     def after_fit(self, learn):
+        if learn.rank > 0: return
         record = learn.record()
         write_atomic(self.root/'record.json', lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
 
-    def cleanup_fit(self, learn): self.file.close()
+    def cleanup_fit(self, learn):
+        if self.file is not None: self.file.close()
