@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from fastcore.script import Param, anno_parser, store_true
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, kinetics_classes
 from .config import PIPELINE_KEYS, ConfigError, build_model, checkpoint_source, config_classes, load_config
-from .data import VIDEO_EXTENSIONS, AnnotationError, ClipError, VideoDataset, read_annotations
+from .data import VIDEO_EXTENSIONS, AnnotationError, ClipError, VideoDataset, init_distributed, read_annotations, world
 from .features import CacheMismatchError, extract_features
 from .metrics import class_report
 from .model import KINETICS_CLASS_COUNTS, load_model, model_pipeline, pipeline_spec
@@ -58,6 +59,8 @@ def run_script(command, # a command function whose docments describe its options
     except USER_ERRORS as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 1
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/10_cli.ipynb #364bfed6
 def config_dataset(cfg, # a `uas.config.Config`
@@ -106,7 +109,8 @@ def train_config(cfg, # a `uas.config.Config`; `cfg.work_dir` is the run folder
     "Train the model of `cfg` on its train split (validating on its val split) into the run folder; the `Learner`."
     if cfg.work_dir is None: raise ConfigError('work_dir is not set: it names the run folder')
     work = Path(cfg.work_dir)
-    save_config(cfg, work/'config.yaml')
+    init_distributed()
+    if world()[0] == 0: save_config(cfg, work/'config.yaml')
     seed_everything(cfg.train.seed, deterministic)
     model = build_model(cfg, progress=progress)
     test = cfg.data.test.ann_file
@@ -135,6 +139,7 @@ def uas_train(config:str, # a preset name, a reference config path or a YAML fil
     if resume_from: cfg.resume_from = resume_from
     if seed is not None: cfg.train.seed = seed
     learn = train_config(cfg, config, deterministic, progress=not no_progress)
+    if learn.rank > 0: return 0
     work = Path(cfg.work_dir)
     last = learn.history[-1] if learn.history else {}
     metrics = ', '.join(f'{k[4:]} {v:.4f}' for k, v in last.items() if k.startswith('val_'))
@@ -152,6 +157,7 @@ def uas_extract(config:str, # a preset name, a reference config path or a YAML f
                 split:str='train', # the split: 'train', 'val' or 'test'
                 out:str=None, # the cache folder (default: <work_dir>/features/<split>)
                 aug_views:int=1, # augmentation draws per clip (with a training pipeline)
+                shard_size:int=64, # clips per shard: the most a killed run loses, and the unit of work of a process
                 cfg_options:Param("overrides as key=value pairs, the reference's --cfg-options", str, nargs='*')=None,
                 no_progress:store_true=False, # hide the progress bar
                ) -> int:
@@ -159,12 +165,14 @@ def uas_extract(config:str, # a preset name, a reference config path or a YAML f
     if split not in ('train', 'val', 'test'): raise ConfigError(f"--split must be 'train', 'val' or 'test', got {split!r}")
     cfg = load_config(config, cfg_options)
     out = Path(out or Path(cfg.work_dir or f'work_dirs/{Path(config).stem}')/'features'/split)
-    save_config(cfg, out/'config.yaml')
+    init_distributed()
+    if world()[0] == 0: save_config(cfg, out/'config.yaml')
+    seed_everything(cfg.train.seed)
     model = build_model(cfg, progress=not no_progress)
     cache = extract_features(model.backbone, config_dataset(cfg, split, out), out, arch=cfg.model.backbone.arch,
-                             aug_views=aug_views, num_workers=cfg.data.workers_per_gpu, seed=cfg.train.seed,
-                             progress=not no_progress)
-    print(f'{split}: features of {len(cache)} of {cache.num_clips} clips in {out}')
+                             aug_views=aug_views, shard_size=shard_size, num_workers=cfg.data.workers_per_gpu,
+                             seed=cfg.train.seed, progress=not no_progress)
+    if world()[0] == 0: print(f'{split}: features of {len(cache)} of {cache.num_clips} clips in {out}')
     return 0
 
 def extract_main() -> int:
