@@ -9,10 +9,8 @@ __all__ = ['USER_ERRORS', 'TEST_METRICS', 'reference_spelling', 'run_script', 'c
 
 # %% ../nbs/10_cli.ipynb #c1100003
 import hashlib, json, sys, time, warnings
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -22,13 +20,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, kinetics_classes
 from .config import PIPELINE_KEYS, ConfigError, build_model, checkpoint_source, config_classes, load_config
-from .data import VIDEO_EXTENSIONS, AnnotationError, ClipError, VideoDataset, init_distributed, read_annotations, world
+from .data import VIDEO_EXTENSIONS, AnnotationError, ClipError, VideoDataset, init_distributed, world
 from .features import CacheMismatchError, extract_features
 from .metrics import class_report
-from .model import KINETICS_CLASS_COUNTS, load_model, model_pipeline, pipeline_spec
+from .model import load_model, model_pipeline, pipeline_spec
 from .train import Learner, TrainingInterrupted, evaluate_online, seed_everything
 from .video import VideoReadError
-from .viz import plot_class_accuracy, plot_confusion
+from .viz import plot_confusion
 
 # %% ../nbs/10_cli.ipynb #afc6c6e1
 def reference_spelling(argv:list # command-line arguments
