@@ -60,10 +60,10 @@ def shape_constant(fn # a function of shapes only (grids, windows, devices): has
     "Cache `fn` per arguments and let `torch.compile` call it while tracing and keep its result as a graph constant."
     cached = lru_cache(maxsize=128)(fn)
     @torch.compiler.assume_constant_result
-    def constant(*args, **kwargs): return cached(*args, **kwargs)
+    def constant(*args, **kwargs): return (cached(*args, **kwargs),)  # a tuple survives graph breaks
     @wraps(fn)
     def call(*args, **kwargs):
-        return constant(*map(_specialise, args), **{k: _specialise(v) for k, v in kwargs.items()})
+        return constant(*map(_specialise, args), **{k: _specialise(v) for k, v in kwargs.items()})[0]
     return call
 
 # %% ../nbs/02_backbone.ipynb #0cdce81f
