@@ -1,5 +1,4 @@
 "Tests of uas.data: annotation formats (the official ChimpBehave lists included), datasets over good and broken clips, loaders and check_dataset."
-from pathlib import Path
 
 import logging
 
@@ -11,7 +10,7 @@ import torch
 from conftest import ROOT
 import uas.data
 from helpers import write_broken, write_ramp
-from uas.data import (AnnotationError, Annotations, ClipError, ClipReader, ClipSampler, Skip, VideoDataset, check_dataset,
+from uas.data import (AnnotationError, ClipError, ClipReader, ClipSampler, Skip, VideoDataset, check_dataset,
                       class_names, clip_seed, collate_clips, detect_format, make_loader, probe_clip, read_annotations,
                       read_class_names, without_problems)
 from uas.video import get_pipeline, write_video
@@ -290,7 +289,7 @@ def test_missing_clip_in_a_list(mixed, tmp_path):
     root, good, _ = mixed
     (tmp_path/'l.txt').write_text(f'{good[0]} 0\ngone.mp4 1\n')
     pipeline = get_pipeline('chimpbehave_val', **SMALL)
-    with pytest.raises(ClipError, match=rf"l.txt:2: clip 'gone.mp4' is missing"): VideoDataset(tmp_path/'l.txt', root, pipeline)[1]
+    with pytest.raises(ClipError, match=r"l.txt:2: clip 'gone.mp4' is missing"): VideoDataset(tmp_path/'l.txt', root, pipeline)[1]
     ds = VideoDataset(tmp_path/'l.txt', data_prefix=root, pipeline=pipeline, on_error='skip')
     assert isinstance(ds[0], dict) and ds[1] == Skip('gone.mp4', f'{tmp_path/"l.txt"}:2', 'missing', 'no such file', 1)
 

@@ -1,6 +1,5 @@
 "Fresh-install checks: the package builds, carries every module and console script, and runs outside the checkout."
 import os, subprocess, sys, zipfile
-from pathlib import Path
 
 import pytest
 from conftest import ROOT

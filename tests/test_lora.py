@@ -1,5 +1,4 @@
 "LoRA adapters (uas.lora): reference semantics, exactness with B = 0, merging, peft equivalence, counts on Swin-B."
-import copy
 
 import pytest
 import torch

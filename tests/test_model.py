@@ -9,7 +9,7 @@ from helpers import saved_bytes, write_ramp
 from uas.backbone import swin3d_mini
 from uas.checkpoint import CheckpointError, load_backbone
 from uas.lora import is_lora_name
-from uas.model import (KineticsHead, Recognizer, UASHead, backbone_hash, build_recognizer, count_parameters, load_model,
+from uas.model import (KineticsHead, UASHead, backbone_hash, build_recognizer, count_parameters, load_model,
                        load_trainable, model_file_differences, model_pipeline, parameter_table, pipeline_spec, save_trainable,
                        set_mode, trainable_parameters)
 from uas.video import get_pipeline

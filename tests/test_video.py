@@ -6,7 +6,6 @@ or return only frames that really decode, without crashing or hanging the proces
 child process with a timeout, so that a segfault or a hang in a decoder fails the test instead of the run)."""
 import gc, multiprocessing as mp, os, pickle, signal, sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import av
 import numpy as np

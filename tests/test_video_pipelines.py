@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from uas.video import MEAN, STD, RandomResizedCrop, get_pipeline, pipeline_names, sample_frames, write_video
+from uas.video import MEAN, STD, RandomResizedCrop, get_pipeline, pipeline_names, write_video
 
 SHAPES = {  # views, channels, frames, height, width: the reference configs (mmaction2 0.x, Video Swin's fork)
     'chimpbehave_train': (1, 3, 32, 224, 224), 'chimpbehave_val': (1, 3, 32, 224, 224), 'chimpbehave_test': (3, 3, 32, 224, 224),

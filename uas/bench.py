@@ -9,7 +9,7 @@ __all__ = ['BENCHMARKS', 'BENCH_DATA_FILE', 'benchmark', 'results_dir', 'machine
            'bench_video', 'bench_pipeline', 'main']
 
 # %% ../nbs/12_bench.ipynb #3945ef37
-import importlib, json, math, os, platform, statistics, sys, tempfile, time
+import json, math, os, platform, statistics, sys, tempfile, time
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
