@@ -317,7 +317,7 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
                    batch:int=4, # clips per call when timing frozen feature extraction
                    gpu_batch:int=8, # clips per call for the bf16 throughput on a GPU
                    out_dir:str=None, # folder for the results file (default: `figures/data` of the checkout)
-                   compile:store_true=False # also time `torch.compile`d models one clip at a time (a GPU always times them at `gpu_batch`)
+                   compile:store_true=False # also time both models `torch.compile`d against eager, one clip (a GPU also at `gpu_batch`)
                   ):
     "Forward time of our backbone vs torchvision's at equal weights; feature extraction, bf16, compile, profile."
     torch.set_num_threads(threads)
@@ -358,6 +358,8 @@ def bench_backbone(quick:store_true=False, # only 1x3x16x112x112 (default: also 
                   torchvision_s=head['torchvision_s'], uas_s=head['uas_s'], extract_clips_s=out['extract']['uas_clips_s'],
                   **({'gpu_bf16_clips_s': out['gpu']['uas_eager'], 'gpu_vs_tv_eager': out['gpu']['uas_eager'] / out['gpu']['tv_eager']}
                      if 'gpu' in out else {}),
+                  **({k: out['compiled'][k] for k in ('compiled_vs_eager', 'compiled_vs_torchvision')}
+                     if 'compiled_vs_eager' in out.get('compiled', {}) else {}),
                   ratio=head['ratio'])
 
 # %% ../nbs/12_bench.ipynb #24777ef6
@@ -367,17 +369,23 @@ def _cpu_bf16_flags():
     return [f for f in ('avx512_bf16', 'amx_bf16', 'avx512f', 'avx2') if f in flags]
 
 def _compiled_times(tv, ours, size, dev, repeats):
-    "Median seconds of one forward pass of both models under `torch.compile` (compile time excluded, reported apart)."
+    "One clip through both models, eager and `torch.compile`d, timed in alternating rounds; compile time, graphs, ratios."
     x = torch.randn(1, 3, *size, device=dev)
-    res = {}
-    for name, fn in (('torchvision', lambda: torchvision_features(tv, x)), ('uas', lambda: ours(x))):
-        compiled = torch.compile(fn)
-        try:
-            with torch.inference_mode():
-                start = time.perf_counter(); compiled(); _sync()
-                res[f'{name}_compile_s'] = time.perf_counter() - start
-                res[f'{name}_s'] = statistics.median(time_calls(compiled, repeats=repeats, warmup=1))
-        except Exception as e: res[f'{name}_error'] = f'{type(e).__name__}: {e}'[:300]
+    eager = {'torchvision': lambda: torchvision_features(tv, x), 'uas': lambda: ours(x)}
+    fns, res, stats = dict(eager), {'size': 'x'.join(map(str, size))}, torch._dynamo.utils.counters['stats']
+    with torch.inference_mode():
+        for name, fn in eager.items():
+            compiled, graphs, start = torch.compile(fn, dynamic=False), stats['unique_graphs'], time.perf_counter()
+            try: out = compiled(); _sync()
+            except Exception as e: res[f'{name}_error'] = f'{type(e).__name__}: {e}'[:300]; continue
+            res.update({f'{name}_compile_s': time.perf_counter() - start, f'{name}_graphs': stats['unique_graphs'] - graphs,
+                        f'{name}_max_abs_diff': (out - fn()).abs().max().item()})
+            fns[f'{name}_compiled'] = compiled
+        med = compare(fns, repeats=repeats, warmup=1)
+    res.update({f'{k}_s': v for k, v in med.items()})
+    if 'uas_compiled' in med:
+        res.update(compiled_vs_eager=med['uas'] / med['uas_compiled'], compiled_vs_torchvision=med['torchvision'] / med['uas_compiled'])
+        if 'torchvision_compiled' in med: res['compiled_vs_torchvision_compiled'] = med['torchvision_compiled'] / med['uas_compiled']
     return res
 
 def _gpu_throughput(tv, ours, size, batch, dev, repeats):
@@ -406,7 +414,7 @@ def _print_backbone(out):
     if 'cpu_bf16' in out:
         b = out['cpu_bf16']
         print(f"cpu bf16 autocast at {b['size']}: {b['uas_s']:.3f} s ({b['speedup_vs_fp32']:.2f}x fp32; cpu flags {out['cpu_flags']}), max |diff| {b['max_abs_diff_vs_fp32']:.2e}")
-    if 'compiled' in out: print('torch.compile:', {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out['compiled'].items()})
+    if 'compiled' in out: print('torch.compile:', ', '.join(f'{k} {_fmt(v)}' for k, v in out['compiled'].items()))
     if 'gpu' in out: print('gpu bf16 clips/s:', {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out['gpu'].items()})
     print('where our time goes:', ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile']))
     print("where torchvision's goes:", ', '.join(f"{p['op']} {p['share']:.0%}" for p in out['profile_torchvision']))
