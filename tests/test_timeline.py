@@ -88,3 +88,11 @@ def test_another_model_file_relabels_without_decoding(run, monkeypatch, capsys):
     assert 're-labelled from cached windows' in capsys.readouterr().out
     first, second = pd.read_csv(run['out']/'rec_windows.csv'), pd.read_csv(run['root']/'relabel'/'rec_windows.csv')
     assert len(first) == len(second) and not first.filter(like='p_').equals(second.filter(like='p_'))
+
+
+def test_the_benchmark_registers_with_uas_bench(tmp_path):
+    res = subprocess.run([sys.executable, '-m', 'uas.bench', 'timeline', '--quick', '--out_dir', str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path/'timeline.json').read_text())
+    assert data['headline']['swin3d_mini_video_s_per_s'] > 0 and 0 < data['results']['relabel_10min_s'] < 5

@@ -679,7 +679,8 @@ def _peak_memory(model_file, minutes:float, root:Path, threads:int) -> dict:
 
 # %% ../nbs/15_timeline.ipynb #68c0bea2
 @benchmark('timeline')
-def bench_timeline(full:store_true=False, # also swin3d_b (minutes on a CPU)
+def bench_timeline(quick:store_true=False, # seconds, for tests: 2 s of 64x48 video, 8-frame windows cropped to 32
+                   full:store_true=False, # also swin3d_b (minutes on a CPU)
                    seconds:float=20, # seconds of recording embedded by swin3d_mini
                    full_seconds:float=6, # seconds of recording embedded by swin3d_b
                    size:str='320x240', # the recording's frame size, WIDTHxHEIGHT
@@ -690,6 +691,8 @@ def bench_timeline(full:store_true=False, # also swin3d_b (minutes on a CPU)
                    out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                   ):
     "Video-seconds per second of window embedding, re-labelling time of 10 minutes of windows, and (--memory) peak memory."
+    if quick: seconds, size = 2, '64x48'
+    spec = dict(name='chimpbehave_test', clip_len=8, short_side=32, crop_size=32) if quick else 'chimpbehave_test'
     width, height = map(int, size.split('x'))
     old_threads, out, headline = torch.get_num_threads(), dict(size=size, stride=stride, threads=threads, device=device), {}
     torch.set_num_threads(threads)
@@ -699,7 +702,8 @@ def bench_timeline(full:store_true=False, # also swin3d_b (minutes on a CPU)
             for arch, secs in [('swin3d_mini', seconds)] + ([('swin3d_b', full_seconds)] if full else []):
                 video = root/f'{arch}.mp4'
                 make_recording(video, [('walking', math.ceil(secs * 25 / 32))], size=(height, width), fps=25)
-                labeller = TimelineModel(random_model_file(root/f'{arch}.pth', root/f'{arch}_backbone.pth', arch=arch), device=device)
+                model_file = random_model_file(root/f'{arch}.pth', root/f'{arch}_backbone.pth', arch=arch, pipeline=spec)
+                labeller = TimelineModel(model_file, device=device)
                 labeller.recognizer
                 start = time.perf_counter()
                 cache = labeller.windows(video, stride, root/'windows', progress=False)
@@ -711,15 +715,15 @@ def bench_timeline(full:store_true=False, # also swin3d_b (minutes on a CPU)
                 print(f"{arch}: {report['seconds_read']:.1f} s of {size} video, {report['windows']} windows in {elapsed:.1f} s: "
                       f"{out[arch]['video_s_per_s']:.3f} video-s/s", flush=True)
                 if arch == 'swin3d_mini':
-                    other = TimelineModel(random_model_file(root/'other.pth', root/f'{arch}_backbone.pth', seed=1), device=device)
+                    other = TimelineModel(random_model_file(root/'other.pth', root/f'{arch}_backbone.pth', pipeline=spec, seed=1), device=device)
                     w = cache.windows()
                     reps = math.ceil(600 / len(w.starts))
                     fps, step = w.fps, parse_stride(stride, w.fps)
                     ten = Windows(w.features.repeat(reps, 1)[:600], np.arange(600) * step, fps, w.span, (599 * step + w.span) / fps,
                                   str(video), dict(report, complete=True))
                     def relabel(figure): write_timeline(other.label(ten), root/'relabel', figure=figure)
-                    out['relabel_10min_s'] = min(time_calls(lambda: relabel(False), repeats=3))
-                    out['relabel_10min_with_ethogram_s'] = min(time_calls(lambda: relabel(True), repeats=3))
+                    out['relabel_10min_s'] = min(time_calls(lambda: relabel(False), repeats=1 if quick else 3))
+                    out['relabel_10min_with_ethogram_s'] = min(time_calls(lambda: relabel(True), repeats=1 if quick else 3))
                     headline['relabel_10min_s'] = out['relabel_10min_s']
                     print(f"re-label 10 min of windows (600): {out['relabel_10min_s']:.3f} s, with the ethogram "
                           f"{out['relabel_10min_with_ethogram_s']:.3f} s", flush=True)
