@@ -281,7 +281,8 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     amp = device.type == 'cuda' if amp is None else amp
     info = video_info(video)
-    if identity is None: identity = windows_identity(weights_hash(backbone), arch, pipeline, stride, file_identity(video), amp)
+    if identity is None:
+        identity = windows_identity(weights_hash(backbone), arch or type(backbone).__name__, pipeline, stride, file_identity(video), amp)
     root = Path(cache_dir)
     if not (root/'manifest.json').exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -320,7 +321,7 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
     finally:
         bar.close()
         backbone.train(was_training)
-    _save_atomic(json.dumps(_reading_report(video, stream, info, n), indent=1), root/'done.json')
+    _save_atomic(json.dumps(_reading_report(video, stream, info, len(cache.windows().starts)), indent=1), root/'done.json')
     return cache
 
 # %% ../nbs/15_timeline.ipynb #ec822f1a
@@ -496,14 +497,18 @@ def frame_accuracy(truth:pd.DataFrame, # true bouts (behaviour, start_s, end_s)
 
 def boundary_error(truth:pd.DataFrame, # true bouts, in time order
                    found:pd.DataFrame, # the timeline's bouts
-                   tolerance:float # seconds within which a true boundary counts as found (e.g. one stride)
+                   tolerance:float # seconds within which a boundary counts as found (e.g. one stride)
                   ) -> dict:
-    "`{'boundaries', 'found', 'mean_error_s'}`: true boundaries, the fraction found within `tolerance`, mean distance to the nearest found."
+    "True boundaries found within `tolerance` (`found`, a fraction), their mean distance to the nearest found one, and the `precision` of the found ones."
     true, got = truth.start_s.to_numpy(float)[1:], found.start_s.to_numpy(float)[1:]
-    if not len(true): return dict(boundaries=0, found=float('nan'), mean_error_s=float('nan'))
-    if not len(got): return dict(boundaries=len(true), found=0., mean_error_s=float('inf'))
-    distance = np.abs(true[:, None] - got[None]).min(1)
-    return dict(boundaries=len(true), found=float(np.mean(distance <= tolerance)), mean_error_s=float(distance.mean()))
+    result = dict(boundaries=len(true), found=float('nan'), mean_error_s=float('nan'), predicted=len(got), precision=float('nan'))
+    if len(true) and not len(got): result.update(found=0., mean_error_s=float('inf'))
+    if len(true) and len(got):
+        distance = np.abs(true[:, None] - got[None])
+        result.update(found=float(np.mean(distance.min(1) <= tolerance)), mean_error_s=float(distance.min(1).mean()),
+                      precision=float(np.mean(distance.min(0) <= tolerance)))
+    elif len(got): result.update(precision=0.)
+    return result
 
 # %% ../nbs/15_timeline.ipynb #e473fdb3
 class TimelineModel:
@@ -687,7 +692,7 @@ def bench_timeline(quick:store_true=False, # seconds, for tests: 2 s of 64x48 vi
                    stride:str='1s', # window stride
                    threads:int=2, # torch CPU threads
                    device:str='cpu', # cpu or cuda
-                   memory:store_true=False, # also peak memory for 1- and 10-minute recordings
+                   memory:store_true=False, # also peak memory for 1- and 10-minute recordings (Linux: reads /proc)
                    out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
                   ):
     "Video-seconds per second of window embedding, re-labelling time of 10 minutes of windows, and (--memory) peak memory."
@@ -709,10 +714,11 @@ def bench_timeline(quick:store_true=False, # seconds, for tests: 2 s of 64x48 vi
                 cache = labeller.windows(video, stride, root/'windows', progress=False)
                 elapsed = time.perf_counter() - start
                 report = cache.report
+                stride_s = parse_stride(stride, report['fps']) / report['fps']
                 out[arch] = dict(video_seconds=report['seconds_read'], windows=report['windows'], seconds=elapsed,
-                                 video_s_per_s=report['seconds_read'] / elapsed)
+                                 video_s_per_s=report['windows'] * stride_s / elapsed)  # each window adds a stride of video
                 headline[f'{arch}_video_s_per_s'] = out[arch]['video_s_per_s']
-                print(f"{arch}: {report['seconds_read']:.1f} s of {size} video, {report['windows']} windows in {elapsed:.1f} s: "
+                print(f"{arch}: {report['windows']} windows ({report['seconds_read']:.1f} s of {size} video) in {elapsed:.1f} s: "
                       f"{out[arch]['video_s_per_s']:.3f} video-s/s", flush=True)
                 if arch == 'swin3d_mini':
                     other = TimelineModel(random_model_file(root/'other.pth', root/f'{arch}_backbone.pth', pipeline=spec, seed=1), device=device)
