@@ -31,8 +31,8 @@ from .config import checkpoint_source
 from .features import _save_atomic, cache_identity, check_identity, weights_hash
 from .model import MODEL_FORMAT, UASHead, build_recognizer, load_model, save_trainable
 from .synthetic import TARGET_BEHAVIOURS, clip_rng, render_target
-from .video import (YUV_TAGS, CenterCrop, Normalize, Pipeline, Resize, ThreeCrop, VideoReadError, get_pipeline,
-                       to_yuv420p)
+from .video import YUV_TAGS, CenterCrop, Normalize, Pipeline, Resize, ThreeCrop
+from .video import VideoReadError, get_pipeline, to_yuv420p
 
 # %% ../nbs/15_timeline.ipynb #70e00445
 def bout_plan(num_bouts:int, # bouts in the recording
@@ -69,7 +69,8 @@ def make_recording(path, # the mp4 file to write
             start = frame
             for c in range(clips):
                 clip = render_target(behaviour, clip_rng(seed, f'recording/{b}/{c}'), tuple(size), clip_frames, difficulty)
-                for image in clip: out.mux(stream.encode(av.VideoFrame.from_ndarray(to_yuv420p(image), format='yuv420p')))
+                for image in clip:
+                    out.mux(stream.encode(av.VideoFrame.from_ndarray(to_yuv420p(image), format='yuv420p')))
                 frame += clip_frames
             rows.append(dict(behaviour=behaviour, start_s=start / fps, end_s=frame / fps, start_frame=start, end_frame=frame))
         out.mux(stream.encode())
@@ -251,7 +252,8 @@ class WindowCache:
         return Windows(features, starts, m['fps'], m['span'], seconds, m['video'], report)
 
     def __repr__(self):
-        return f"WindowCache({str(self.root)!r}: {self.chunks()} chunk(s) of {self.chunk_size}{', finished' if self.complete else ''})"
+        finished = ', finished' if self.complete else ''
+        return f"WindowCache({str(self.root)!r}: {self.chunks()} chunk(s) of {self.chunk_size}{finished})"
 
 # %% ../nbs/15_timeline.ipynb #112349c3
 def _reading_report(video, stream:FrameStream, info:dict, windows:int) -> dict:
@@ -282,12 +284,13 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
     amp = device.type == 'cuda' if amp is None else amp
     info = video_info(video)
     if identity is None:
-        identity = windows_identity(weights_hash(backbone), arch or type(backbone).__name__, pipeline, stride, file_identity(video), amp)
+        arch = arch or type(backbone).__name__
+        identity = windows_identity(weights_hash(backbone), arch, pipeline, stride, file_identity(video), amp)
     root = Path(cache_dir)
     if not (root/'manifest.json').exists():
         root.mkdir(parents=True, exist_ok=True)
-        manifest = dict(identity=identity, video=str(video), fps=info['fps'], span=pipeline.clip_len * pipeline.frame_interval,
-                        stride=stride, chunk_size=chunk_size, channels=backbone.num_features)
+        manifest = dict(identity=identity, video=str(video), fps=info['fps'], stride=stride, chunk_size=chunk_size,
+                        span=pipeline.clip_len * pipeline.frame_interval, channels=backbone.num_features)
         _save_atomic(json.dumps(manifest, indent=1), root/'manifest.json')
     cache = WindowCache(root, expect=identity)
     if cache.complete: return cache
@@ -307,8 +310,8 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
         batch.clear()
         bar.update(round(stream.read / info['fps'] - bar.n, 2))
     def save(i):
-        _save_atomic(dict(features=torch.cat(chunk['features']), starts=torch.tensor(chunk['starts'], dtype=torch.long)),
-                     cache.chunk_path(i))
+        starts = torch.tensor(chunk['starts'], dtype=torch.long)
+        _save_atomic(dict(features=torch.cat(chunk['features']), starts=starts), cache.chunk_path(i))
         chunk['features'], chunk['starts'] = [], []
     try:
         for w, start, clip in window_clips(stream, pipeline, stride, first):
@@ -321,7 +324,8 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
     finally:
         bar.close()
         backbone.train(was_training)
-    _save_atomic(json.dumps(_reading_report(video, stream, info, len(cache.windows().starts)), indent=1), root/'done.json')
+    report = _reading_report(video, stream, info, len(cache.windows().starts))
+    _save_atomic(json.dumps(report, indent=1), root/'done.json')
     return cache
 
 # %% ../nbs/15_timeline.ipynb #ec822f1a
@@ -435,7 +439,8 @@ def plot_ethogram(timeline:Timeline, # a labelled video
                              cmap='Blues', vmin=0, vmax=1, shading='flat')
         fig.colorbar(mesh, ax=ax, pad=.01, label='probability')
     row = {c: i for i, c in enumerate(classes)}
-    for b in timeline.bouts.itertuples(): ax.broken_barh([(b.start_s, b.duration_s)], (row[b.behaviour] - .12, .24), color='k')
+    for b in timeline.bouts.itertuples():
+        ax.broken_barh([(b.start_s, b.duration_s)], (row[b.behaviour] - .12, .24), color='k')
     for b in ([] if truth is None else truth.itertuples()):
         ax.broken_barh([(b.start_s, b.end_s - b.start_s)], (row[b.behaviour] + .2, .12), color='tab:red')
     ax.set(yticks=range(K), yticklabels=classes, ylim=(K - .5, -.5), xlim=(0, max(timeline.windows.duration, 1e-3)),
@@ -454,12 +459,14 @@ def write_timeline(timeline:Timeline, # a labelled video
     out, w = Path(out), timeline.windows
     stem = stem or Path(w.video).stem
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out/f'{stem}_{k}.{ext}' for k, ext in (('bouts', 'csv'), ('boris', 'csv'), ('windows', 'csv'), ('report', 'json'))}
+    kinds = dict(bouts='csv', boris='csv', windows='csv', report='json')
+    paths = {k: out/f'{stem}_{k}.{ext}' for k, ext in kinds.items()}
     timeline.bouts.to_csv(paths['bouts'], index=False, float_format='%.3f')
     boris_events(timeline.bouts, w.video, w.duration, w.fps).to_csv(paths['boris'], index=False)
     table = pd.DataFrame(dict(start_s=timeline.t0, end_s=timeline.t1, first_frame=w.starts,
                               behaviour=[timeline.classes[i] for i in timeline.smoothed.argmax(1)] if len(w.starts) else []))
-    for i, c in enumerate(timeline.classes): table[f'p_{c}'], table[f'smoothed_{c}'] = timeline.probs[:, i], timeline.smoothed[:, i]
+    for i, c in enumerate(timeline.classes):
+        table[f'p_{c}'], table[f'smoothed_{c}'] = timeline.probs[:, i], timeline.smoothed[:, i]
     table.to_csv(paths['windows'], index=False, float_format='%.4f')
     report = dict(w.report or {}, bouts=len(timeline.bouts), smoothing=f'centred moving average over {timeline.smooth} windows',
                   classes=timeline.classes, **extra)
@@ -521,8 +528,10 @@ class TimelineModel:
         self.model_file, self.pretrained = Path(model_file), pretrained
         ckpt = read_checkpoint(model_file)
         meta = ckpt.get('uas_model') if isinstance(ckpt, dict) else None
-        if meta is None: raise CheckpointError(f'{model_file}: not a model file that describes itself (save_trainable writes them)')
-        if meta.get('format', 0) > MODEL_FORMAT: raise CheckpointError(f"{model_file}: model file format {meta['format']}: update uas")
+        if meta is None:
+            raise CheckpointError(f'{model_file}: not a model file that describes itself (save_trainable writes them)')
+        if meta.get('format', 0) > MODEL_FORMAT:
+            raise CheckpointError(f"{model_file}: model file format {meta['format']}: update uas")
         if meta['pipeline'] is None: raise CheckpointError(f'{model_file} names no test pipeline: save it with one')
         weight, bias = ckpt['state_dict']['cls_head.fc_cls.weight'], ckpt['state_dict']['cls_head.fc_cls.bias']
         self.head = UASHead(weight.shape[1], weight.shape[0]).eval()
@@ -536,7 +545,8 @@ class TimelineModel:
     @property
     def recognizer(self):
         "The whole model (`uas.model.load_model`), loaded on first use."
-        if self._recognizer is None: self._recognizer = load_model(self.model_file, pretrained=self.pretrained).to(self.device)
+        if self._recognizer is None:
+            self._recognizer = load_model(self.model_file, pretrained=self.pretrained).to(self.device)
         return self._recognizer
 
     @functools.cached_property
@@ -631,7 +641,8 @@ def uas_timeline(model_file:str, # a model file: a run folder's checkpoint (best
             problems.append((video, e.reason))
             continue
         timeline = labeller.label(windows, smooth)
-        paths = write_timeline(timeline, out, stem, figure=not no_figure, model_file=str(model_file), stride=stride, cache=str(windows.root))
+        paths = write_timeline(timeline, out, stem, figure=not no_figure, model_file=str(model_file), stride=stride,
+                               cache=str(windows.root))
         w, labelled = timeline.windows, labelled + 1
         n = len(timeline.bouts)
         print(f"{video}: {n} bout{'s' * (n != 1)} in {w.duration:.1f} s of video, {len(w.starts)} windows "
@@ -651,7 +662,7 @@ def timeline_main() -> int:
 
 # %% ../nbs/15_timeline.ipynb #9286683b
 MEMORY_PROBE = r"""
-import json, sys, time, torch
+import json, sys, threading, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from uas.timeline import TimelineModel
 def status(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) / 1024
@@ -659,9 +670,13 @@ labeller = TimelineModel(sys.argv[1], device='cpu')
 labeller.recognizer
 baseline = status('VmRSS:')
 with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # restart the peak (VmHWM) from here
-start = time.perf_counter()
+start, trace, running = time.perf_counter(), [], True
+def sample():  # the peak so far, every second: does it keep rising with the video's length?
+    while running: trace.append((round(time.perf_counter() - start, 1), round(status('VmHWM:') - baseline, 1))); time.sleep(1)
+threading.Thread(target=sample, daemon=True).start()
 cache = labeller.windows(sys.argv[2], '1s', sys.argv[3], progress=False)
-print(json.dumps(dict(baseline_mb=baseline, peak_mb=status('VmHWM:'), seconds=time.perf_counter() - start,
+running = False
+print(json.dumps(dict(baseline_mb=baseline, peak_mb=status('VmHWM:'), seconds=time.perf_counter() - start, trace=trace,
                       video_seconds=cache.report['seconds_read'], windows=cache.report['windows'])))
 """
 
@@ -673,14 +688,19 @@ def _recording_of(minutes:float, path, seed:int=0, **kw) -> pd.DataFrame:
         plan.append((behaviour, n)); clips += n
     return make_recording(path, plan, **kw)
 
-def _peak_memory(model_file, minutes:float, root:Path, threads:int) -> dict:
-    "Peak resident memory above baseline while a fresh process embeds a recording of `minutes`."
-    _recording_of(minutes, root/f'{minutes:g}min.mp4')
-    res = subprocess.run([sys.executable, '-c', MEMORY_PROBE, str(model_file), str(root/f'{minutes:g}min.mp4'), str(root/'windows'),
-                          str(threads)], capture_output=True, text=True, timeout=3600)
-    if res.returncode: raise RuntimeError(f'the memory probe failed: {res.stderr[-2000:]}')
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    return dict(got, above_baseline_mb=got['peak_mb'] - got['baseline_mb'])
+def _peak_memory(model_file, minutes:float, root:Path, threads:int, repeats:int=3) -> dict:
+    "Peak resident memory above baseline while a fresh process embeds a recording of `minutes` (median of `repeats` processes)."
+    video, runs = root/f'{minutes:g}min.mp4', []
+    _recording_of(minutes, video)
+    for r in range(repeats):
+        args = [str(model_file), str(video), str(root/f'windows_{minutes:g}_{r}'), str(threads)]
+        res = subprocess.run([sys.executable, '-c', MEMORY_PROBE, *args], capture_output=True, text=True, timeout=3600)
+        if res.returncode: raise RuntimeError(f'the memory probe failed: {res.stderr[-2000:]}')
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        runs.append(dict(got, above_baseline_mb=got['peak_mb'] - got['baseline_mb']))
+    peaks = [r['above_baseline_mb'] for r in runs]
+    return dict(above_baseline_mb=float(np.median(peaks)), runs=peaks, seconds=runs[0]['seconds'],
+                windows=runs[0]['windows'], trace=runs[0]['trace'])
 
 # %% ../nbs/15_timeline.ipynb #68c0bea2
 @benchmark('timeline')
@@ -736,10 +756,14 @@ def bench_timeline(quick:store_true=False, # seconds, for tests: 2 s of 64x48 vi
             if memory:
                 spec = dict(name='chimpbehave_test', short_side=64, crop_size=64)
                 model_file = random_model_file(root/'memory.pth', root/'swin3d_mini_backbone.pth', pipeline=spec)
-                out['memory'] = {f'{m}min': _peak_memory(model_file, m, root, threads) for m in (1, 10)}
+                out['memory'] = {f'{m}min': _peak_memory(model_file, m, root, threads, 1 if quick else 3) for m in (1, 10)}
                 one, ten = out['memory']['1min']['above_baseline_mb'], out['memory']['10min']['above_baseline_mb']
                 out['memory']['growth'] = ten / one - 1
                 headline.update(peak_1min_mb=one, peak_10min_mb=ten, memory_growth=out['memory']['growth'])
-                print(f'peak memory above baseline: 1 min {one:.0f} MB, 10 min {ten:.0f} MB ({100 * (ten / one - 1):+.1f}%)', flush=True)
+                trace = out['memory']['10min']['trace']
+                at = lambda f: trace[min(len(trace) - 1, int(f * len(trace)))][1]
+                print(f'peak memory above baseline (median of processes): 1 min {one:.0f} MB, 10 min {ten:.0f} MB '
+                      f'({100 * (ten / one - 1):+.1f}%); in the 10-minute run, peak so far after 10%, 50%, 100% of it: '
+                      f'{at(.1):.0f}, {at(.5):.0f}, {at(1):.0f} MB', flush=True)
     finally: torch.set_num_threads(old_threads)
     return record('timeline', out, out_dir, **headline, threads=threads)
