@@ -261,7 +261,7 @@ def _reading_report(video, stream:FrameStream, info:dict, windows:int) -> dict:
     fps, declared = info['fps'], info['frames']
     stopped = stream.error
     if stopped is None and declared and stream.read < declared: stopped = 'the file ends early'
-    if stopped is not None: stopped = f'stopped after frame {stream.read} ({stream.read / fps:.2f} s): {stopped}'
+    if stopped is not None: stopped = f'stopped after {stream.read} frames ({stream.read / fps:.2f} s): {stopped}'
     return dict(video=str(video), fps=fps, frames_read=stream.read, frames_declared=declared,
                 seconds_read=stream.read / fps, seconds_declared=info['duration_s'], windows=windows,
                 complete=stopped is None, stopped=stopped)
@@ -294,6 +294,7 @@ def extract_windows(backbone:torch.nn.Module, # the frozen backbone: `[N, 3, T, 
         _save_atomic(json.dumps(manifest, indent=1), root/'manifest.json')
     cache = WindowCache(root, expect=identity)
     if cache.complete: return cache
+    chunk_size = cache.chunk_size  # a resumed cache keeps the chunks it started with
     for tmp in root.glob('*.tmp'): tmp.unlink()
     first = cache.chunks() * cache.chunk_size
     stream = FrameStream(video, skip=first * stride)
