@@ -1,7 +1,8 @@
-"`uas_timeline` end to end: the files it writes, a recording cut short, and re-labelling from cached windows alone."
-import json, os, subprocess, sys
+"`uas_timeline` end to end: the files it writes, a recording cut short, a run killed and resumed, and re-labelling from cached windows alone."
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,7 +26,7 @@ def run(tmp_path_factory):
     res = subprocess.run([str(script), str(model), str(videos), '--stride', '0.5s', '--out', str(root/'out'), '--no-progress'],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert res.returncode == 0, res.stderr[-3000:]
-    return dict(root=root, out=root/'out', videos=videos, truth=truth, stdout=res.stdout)
+    return dict(root=root, out=root/'out', videos=videos, truth=truth, stdout=res.stdout, script=script)
 
 
 def test_bouts_csv_tiles_the_recording(run):
@@ -96,3 +97,27 @@ def test_the_benchmark_registers_with_uas_bench(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path/'timeline.json').read_text())
     assert data['headline']['swin3d_mini_video_s_per_s'] > 0 and 0 < data['results']['relabel_10min_s'] < 5
+
+
+def test_a_killed_run_resumes_after_its_last_whole_chunk(run, tmp_path):
+    model = random_model_file(tmp_path/'wide.pth', run['root']/'backbone.pth', pipeline=dict(SPEC, clip_len=16, crop_size=48,
+                                                                                                  short_side=48))
+    video, out = run['videos']/'rec.mp4', tmp_path/'out'
+    options = dict(stride='8f', chunk_size=2, batch_size=1, no_figure=True, no_progress=True)
+    args = [f"--{k.replace('_', '-')}" + ('' if v is True else f'={v}') for k, v in options.items()]
+    proc = subprocess.Popen([str(run['script']), str(model), str(video), '--out', str(out), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while not list(out.glob('windows/*/chunk_00001.pt')) and proc.poll() is None and time.time() < deadline: time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache = next((out/'windows').iterdir())
+    assert not (cache/'done.json').exists(), 'the run finished before it could be killed'
+    before = {p.name: p.stat().st_mtime_ns for p in cache.glob('chunk_*.pt')}
+    assert {'chunk_00000.pt', 'chunk_00001.pt'} <= set(before) and not list(cache.glob('*.tmp'))
+    assert uas_timeline(str(model), str(video), out=str(out), **options) == 0                    # the rerun
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob('chunk_*.pt') if p.name in before} == before  # not embedded again
+    assert uas_timeline(str(model), str(video), out=str(tmp_path/'fresh'), **options) == 0     # an uninterrupted run
+    resumed, whole = (pd.read_csv(tmp_path/d/'rec_windows.csv') for d in ('out', 'fresh'))
+    assert len(resumed) == len(whole) == (160 - 32) // 8 + 1
+    np.testing.assert_allclose(resumed.filter(like='p_').to_numpy(), whole.filter(like='p_').to_numpy(), atol=1e-3)
