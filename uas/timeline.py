@@ -86,9 +86,10 @@ def video_info(path # a video file
             if not container.streams.video: raise VideoReadError(path, 'the file has no video stream')
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
+            if not rate or rate <= 0: raise VideoReadError(path, 'the video stream declares no frame rate, so no times')
             duration = (float(stream.duration * stream.time_base) if stream.duration else
                         container.duration / 1e6 if container.duration else None)
-            return dict(fps=float(rate) if rate else float('nan'), frames=stream.frames or 0, duration_s=duration,
+            return dict(fps=float(rate), frames=stream.frames or 0, duration_s=duration,
                         height=stream.codec_context.height, width=stream.codec_context.width)
     except VideoReadError: raise
     except Exception as e: raise VideoReadError(path, f'{type(e).__name__}: {e}') from e
