@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['BT601', 'YUV_TAGS', 'DECODE_ORDER_FORMATS', 'BACKENDS', 'PYAV_FIRST', 'MEAN', 'STD', 'STAGES', 'DATASET_PIPELINES',
            'VideoReadError', 'to_yuv420p', 'write_video', 'VideoReader', 'PyAVReader', 'DecordReader', 'open_video',
-           'sample_frames', 'to_views', 'short_side_size', 'resize', 'crop', 'flip', 'center_crop',
-           'three_crop_offsets', 'three_crop', 'random_resized_box', 'normalize', 'Step', 'Resize', 'RandomResizedCrop',
-           'Flip', 'CenterCrop', 'ThreeCrop', 'Normalize', 'Pipeline', 'train_pipeline', 'val_pipeline',
-           'testing_pipeline', 'pipeline_names', 'get_pipeline']
+           'keyframes', 'probe_points', 'sample_frames', 'to_views', 'short_side_size', 'resize', 'crop', 'flip',
+           'center_crop', 'three_crop_offsets', 'three_crop', 'random_resized_box', 'normalize', 'Step', 'Resize',
+           'RandomResizedCrop', 'Flip', 'CenterCrop', 'ThreeCrop', 'Normalize', 'Pipeline', 'train_pipeline',
+           'val_pipeline', 'testing_pipeline', 'pipeline_names', 'get_pipeline']
 
 # %% ../nbs/00_video.ipynb #c002
-import bisect, math, os, sys, threading, traceback
+import bisect, itertools, math, os, sys, threading, traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,7 +61,7 @@ def to_yuv420p(frame:np.ndarray # uint8 [H, W, 3] RGB or [H, W] grey, with even 
 YUV_TAGS = dict(color_range=1, colorspace=6) # FFmpeg's AVCOL_RANGE_MPEG (limited), AVCOL_SPC_SMPTE170M (BT.601)
 
 def write_video(path, # file to write; the suffix picks the container (.mp4, .avi, .mkv, .gif)
-                frames:np.ndarray, # uint8 frames, [T, H, W, 3] RGB or [T, H, W] grey
+                frames, # uint8 frames, [T, H, W, 3] RGB or [T, H, W] grey, or an iterable of [H, W, 3] or [H, W] frames
                 codec:str='libx264', # an FFmpeg encoder name
                 fps:int=25, # frames per second
                 pix_fmt:str='yuv420p', # pixel format the encoder stores (yuv420p made by `to_yuv420p`)
@@ -69,16 +69,19 @@ def write_video(path, # file to write; the suffix picks the container (.mp4, .av
                ) -> Path:
     "Encode `frames` into a video file with PyAV; returns the path."
     import av
-    frames = np.asarray(frames, dtype=np.uint8)
-    height, width = frames.shape[1:3]
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None: raise ValueError(f'no frames to write to {path}')
+    height, width = np.shape(first)[:2]
     planar = pix_fmt == 'yuv420p'
-    fmt = 'yuv420p' if planar else 'gray' if frames.ndim == 3 else 'rgb24'
+    fmt = 'yuv420p' if planar else 'gray' if np.ndim(first) == 2 else 'rgb24'
     with av.open(str(path), 'w') as out:
         stream = out.add_stream(codec, rate=fps, options={k: str(v) for k, v in options.items()})
         stream.height, stream.width, stream.pix_fmt = height, width, pix_fmt
         if planar:
             for name, value in YUV_TAGS.items(): setattr(stream.codec_context, name, value)
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
+            frame = np.asarray(frame, dtype=np.uint8)
             frame = to_yuv420p(frame) if planar else np.ascontiguousarray(frame)
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format=fmt)))
         out.mux(stream.encode())
@@ -318,6 +321,23 @@ def open_video(path, # video file
         try: return PyAVReader(path)
         except VideoReadError as second:
             raise VideoReadError(path, f'{second.reason} (PyAV); {first.reason}') from second
+
+# %% ../nbs/00_video.ipynb #f36a0002
+def keyframes(video:VideoReader # an open video
+             ) -> list:
+    "Indices of `video`'s keyframes, where decoding starts afresh: reading one costs a single frame's decoding."
+    if isinstance(video, DecordReader):
+        if video._pyav is not None: return keyframes(video._pyav)
+        return sorted({0, *video._vr.get_key_indices()}) if video._vr is not None else [0]
+    return list(getattr(video, '_keyframes', [0]))
+
+def probe_points(video:VideoReader, # an open video
+                 points:int=5 # frames to decode (at least 2: the first and the last)
+                ) -> list:
+    "Frame indices spread over `video`: the keyframe at or before each of `points - 1` even steps, and the last frame."
+    n, keys = len(video), np.asarray(keyframes(video))
+    steps = np.linspace(0, n - 1, max(points, 2))[:-1]
+    return sorted({*keys[np.searchsorted(keys, steps, side='right') - 1].tolist(), n - 1})
 
 # %% ../nbs/00_video.ipynb #c037
 def _as_rng(rng) -> np.random.Generator:
