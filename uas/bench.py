@@ -24,7 +24,7 @@ import uas
 import uas.backbone
 from .backbone import convert_torchvision_state_dict, get_window_size
 from .config import TrainSettings
-from .data import VideoDataset, read_annotations
+from .data import VideoDataset, bench_check, read_annotations
 from .features import extract_features
 from .model import build_recognizer
 from .synthetic import make_synthetic
@@ -524,6 +524,8 @@ def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64
     return record('pipeline', out, out_dir, clips_per_s=headline[lead], **headline, threads=threads, load=out['load_before'])
 
 # %% ../nbs/12_bench.ipynb #d216e856
+benchmark('check')(bench_check) # `check_dataset` on a long clip, defined beside it in `uas.data` (which cannot import this module)
+
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
         ) -> int:
     "Run the benchmark named by the first argument: `uas_bench NAME [options]`."

@@ -8,10 +8,11 @@ __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COL
            'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'clip_seed',
            'balanced_weights', 'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader',
            'world', 'init_distributed', 'gather_ranks', 'sum_ranks', 'on_rank0', 'barrier', 'inspect_clip',
-           'probe_clip', 'check_dataset', 'clip_findings', 'compare_backends', 'check_backends', 'without_problems']
+           'probe_clip', 'check_dataset', 'clip_findings', 'compare_backends', 'check_backends', 'without_problems',
+           'bench_check']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
-import json, logging, os, random
+import json, logging, os, random, subprocess, sys, tempfile, time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -22,10 +23,11 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
+from fastcore.script import store_true
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from .video import VideoReadError, get_pipeline, open_video, probe_points
+from .video import VideoReadError, get_pipeline, open_video, probe_points, write_video
 
 # %% ../nbs/01_data.ipynb #101742a4
 @dataclass(frozen=True)
@@ -786,3 +788,65 @@ def without_problems(annotations:Annotations, # the annotations checked
     moved = [Skip(r.path, r.where, r.status, r.reason) for r in found.itertuples()]
     return Annotations([e for i, e in enumerate(annotations) if i not in bad], annotations.classes, annotations.fmt,
                        annotations.source, annotations.skipped + moved)
+
+# %% ../nbs/01_data.ipynb #f36d0002
+_MEASURE = """
+import json, resource, sys, time
+import av, decord
+from uas.data import check_dataset
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+summary = check_dataset(sys.argv[1], progress=False, exact=sys.argv[2] == 'exact', points=int(sys.argv[3]))
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+clips = summary.attrs['clips']
+print(json.dumps(dict(seconds=seconds, peak_mb=(peak - base) / 1024, base_mb=base / 1024, ok=int(summary.loc['total', 'ok']),
+                      frames=int(clips.frames.sum()), decoded=int(clips.decoded.sum()))))
+"""
+
+def _measure_check(root, # a dataset folder
+                   exact:bool, # the every-frame check
+                   points:int # frames the default check decodes per clip
+                  ) -> dict:
+    "Seconds and peak-memory rise (MB) of `check_dataset(root)` in a fresh process, measured after its imports."
+    run = subprocess.run([sys.executable, '-c', _MEASURE, str(root), 'exact' if exact else 'points', str(points)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+def _moving_frames(n:int, # frames
+                   size:int # width and height
+                  ):
+    "`n` uint8 frames of three drifting colour ramps, one at a time (a long clip never sits in memory whole)."
+    y, x = np.mgrid[:size, :size]
+    for t in range(n):
+        yield np.stack([(x + 4 * t) % 256, (y + 2 * t) % 256, ((x + y) // 4 + t) % 256], axis=-1).astype(np.uint8)
+
+def bench_check(minutes:float=2, # length of the clip
+                size:int=1024, # its width and height
+                fps:int=25, # its frame rate
+                points:int=5, # frames the default check decodes per clip
+                exact:store_true=False, # also time the exact check (every frame: slow)
+                data:str=None, # folder for the clip, reused by later runs with the same settings (default: a temporary one)
+                out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
+               ):
+    "Seconds and peak-memory rise of `check_dataset` on one long clip: the default check and, with `--exact`, the exact one."
+    from uas.bench import bench_data, record  # here, not at the top: `uas.bench` imports this module
+    settings = dict(minutes=minutes, size=size, fps=fps)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = bench_data(data or tmp, 'check', settings)
+        clip = root/'clips'/'long'/'clip.mp4'
+        written = None
+        if not clip.is_file():
+            clip.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            write_video(clip, _moving_frames(round(minutes * 60 * fps), size), fps=fps, preset='ultrafast')
+            written = time.perf_counter() - start
+            print(f'wrote {clip} in {written:.0f} s', flush=True)
+        out = dict(settings, file_mb=clip.stat().st_size / 2**20, write_s=written, points=points,
+                   default=_measure_check(root/'clips', False, points))
+        if exact: out['exact'] = _measure_check(root/'clips', True, points)
+    for mode in ('default', 'exact')[:1 + exact]:
+        m = out[mode]
+        print(f"{mode:>8}: {m['seconds']:.2f} s, peak memory +{m['peak_mb']:.0f} MB, {m['decoded']} of {m['frames']} frames decoded")
+    extra = dict(exact_s=out['exact']['seconds'], exact_peak_mb=out['exact']['peak_mb']) if exact else {}
+    return record('check', out, out_dir, seconds=out['default']['seconds'], peak_mb=out['default']['peak_mb'], **extra)
