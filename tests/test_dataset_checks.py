@@ -8,7 +8,7 @@ from helpers import frame_numbers, numbered_frames, write_ramp
 from uas.config import uas_check
 from uas.data import (CHIMPBEHAVE_CLASSES, AnnotationError, check_backends, check_dataset, clip_findings, compare_backends,
                       inspect_clip, read_annotations)
-from uas.video import open_video, write_video
+from uas.video import Pipeline, open_video, write_video
 
 CONTAINERS = {'.ts': 'libx264', '.mts': 'libx264', '.m2ts': 'libx264', '.m4v': 'libx264', '.mpg': 'mpeg1video',
               '.mpeg': 'mpeg2video', '.flv': 'libx264', '.3gp': 'libx264', '.wmv': 'wmv2'}
@@ -129,3 +129,14 @@ def test_uas_check_prints_the_notes(tmp_path, capsys):
     assert 'train: note: 1 clip(s) have fewer frames than the 32 a sampled clip spans' in printed  # chimpbehave_train: 32x1
     assert 'sitting/sitting.mp4 (12 frames)' in printed
     assert 'train: note: frame rates differ from 6 to 25 fps (6 fps: 1, 25 fps: 1 clips); 32 frames last 1.3 s to 5.3 s' in printed
+
+
+def test_a_target_frame_rate_takes_the_same_instants_from_any_recording_rate(tmp_path):
+    "Off by default; with `target_fps` a 50 fps recording gives the frames of the same instants as a 25 fps one."
+    fast = write_video(tmp_path/'fast.mp4', numbered_frames(200), fps=50)
+    slow = write_video(tmp_path/'slow.mp4', numbered_frames(100), fps=25)
+    def shown(pipeline, path): return frame_numbers(pipeline(path)[0].permute(1, 2, 3, 0).numpy()).tolist()
+    at25 = Pipeline(clip_len=4, frame_interval=2, test_mode=True, target_fps=25)
+    assert shown(at25, slow) == shown(Pipeline(clip_len=4, frame_interval=2, test_mode=True), slow) == [46, 48, 50, 52]
+    assert shown(at25, fast) == [92, 96, 100, 104]
+    assert shown(Pipeline(clip_len=4, frame_interval=2, test_mode=True), fast) == [96, 98, 100, 102]  # the paper's default

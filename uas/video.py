@@ -548,19 +548,23 @@ class Pipeline:
                  test_mode:bool=False, # uniform clip offsets (val/test) instead of random ones (train)
                  steps:list=(), # transforms applied in order, ending with `Normalize`
                  backend:str='auto', # video backend, see `open_video`
-                 name:str=None # e.g. 'chimpbehave_test'
+                 name:str=None, # e.g. 'chimpbehave_test'
+                 target_fps:float=None # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                 ):
         self.clip_len, self.frame_interval, self.num_clips = clip_len, frame_interval, num_clips
-        self.test_mode, self.steps, self.backend, self.name = test_mode, list(steps), backend, name
+        self.test_mode, self.steps, self.backend, self.name, self.target_fps = test_mode, list(steps), backend, name, target_fps
 
     @property
     def train(self) -> bool: return not self.test_mode
     @property
     def views(self) -> int: return self.num_clips * math.prod(s.views for s in self.steps)
 
-    def indices(self, num_frames:int, rng=None) -> np.ndarray:
-        "Frame indices `(num_clips, clip_len)` for a video of `num_frames` frames."
-        return sample_frames(num_frames, self.clip_len, self.frame_interval, self.num_clips, self.test_mode, rng)
+    def indices(self, num_frames:int, rng=None, fps:float=None) -> np.ndarray:
+        "Frame indices `(num_clips, clip_len)` for a video of `num_frames` frames recorded at `fps`."
+        sample = lambda n: sample_frames(n, self.clip_len, self.frame_interval, self.num_clips, self.test_mode, rng)
+        if self.target_fps is None or not fps or math.isnan(fps): return sample(num_frames)
+        on_timeline = sample(max(1, int(num_frames * self.target_fps / fps + 1e-6)))
+        return np.minimum((on_timeline * fps / self.target_fps + 1e-6).astype(np.int64), num_frames - 1)
 
     def apply(self, frames, rng=None) -> torch.Tensor:
         "Run the steps on decoded frames `[num_clips*clip_len, H, W, 3]`; returns `[V, 3, T, H, W]`."
@@ -571,11 +575,12 @@ class Pipeline:
     def __call__(self, path, rng=None) -> torch.Tensor:
         "The model's input for the video at `path`."
         rng = _as_rng(rng)
-        with open_video(path, self.backend) as video: frames = video.get_frames(self.indices(len(video), rng).ravel())
+        with open_video(path, self.backend) as video: frames = video.get_frames(self.indices(len(video), rng, video.fps).ravel())
         return self.apply(frames, rng)
 
     def __repr__(self):
         sampling = f'SampleFrames(clip_len={self.clip_len}, frame_interval={self.frame_interval}, num_clips={self.num_clips}, test_mode={self.test_mode})'
+        if self.target_fps is not None: sampling += f' at {self.target_fps:g} fps'
         return f"Pipeline({self.name or ''}: " + ' -> '.join([sampling] + [repr(s) for s in self.steps]) + f'; {self.views} view(s))'
 
 # %% ../nbs/00_video.ipynb #c086
@@ -590,12 +595,13 @@ def train_pipeline(clip_len:int=32, # frames per clip
                    mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                    std:tuple=STD, # normalisation standard deviation
                    backend:str='auto', # video backend, see `open_video`
+                   target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                    name:str=None # a name for `repr`
                   ) -> Pipeline:
     "The reference's train pipeline: random clip, short side, random resized crop, square resize, flip, normalise."
     steps = [Resize(short_side=short_side), RandomResizedCrop(area_range, aspect_ratio_range),
              Resize(size=(crop_size, crop_size)), Flip(flip_ratio), Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, False, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, False, steps, backend, name, target_fps)
 
 def val_pipeline(clip_len:int=32, # frames per clip
                  frame_interval:int=2, # step between a clip's frames
@@ -605,11 +611,12 @@ def val_pipeline(clip_len:int=32, # frames per clip
                  mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                  std:tuple=STD, # normalisation standard deviation
                  backend:str='auto', # video backend, see `open_video`
+                 target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                  name:str=None # a name for `repr`
                 ) -> Pipeline:
     "The reference's val pipeline: uniform clip, short side, centre crop, normalise."
     steps = [Resize(short_side=short_side), CenterCrop(crop_size), Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name, target_fps)
 
 def testing_pipeline(clip_len:int=32, # frames per clip
                      frame_interval:int=2, # step between a clip's frames
@@ -620,12 +627,13 @@ def testing_pipeline(clip_len:int=32, # frames per clip
                      mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                      std:tuple=STD, # normalisation standard deviation
                      backend:str='auto', # video backend, see `open_video`
+                     target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                      name:str=None # a name for `repr`
                     ) -> Pipeline:
     "The reference's test pipeline: uniform clips, short side, three crops (or a centre crop), normalise."
     crops = ThreeCrop(crop_size) if three_crop else CenterCrop(crop_size)
     steps = [Resize(short_side=short_side or crop_size), crops, Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name, target_fps)
 
 # %% ../nbs/00_video.ipynb #c088
 STAGES = {'train': train_pipeline, 'val': val_pipeline, 'test': testing_pipeline}
