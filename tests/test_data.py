@@ -420,7 +420,8 @@ def test_check_dataset_reports_duplicates(mixed, tmp_path, monkeypatch):
     root, good, bad = mixed
     (tmp_path/'l.txt').write_text(f'{good[0]} 0\n{bad[0]} 1\n{good[0]} 0\n{bad[0]} 1\n{good[2]} 1\n')
     probed = []
-    monkeypatch.setattr(uas.data, 'probe_clip', lambda path, *a, **kw: probed.append(path) or probe_clip(path, *a, **kw))
+    inspect = uas.data.inspect_clip
+    monkeypatch.setattr(uas.data, 'inspect_clip', lambda path, *a, **kw: probed.append(path) or inspect(path, *a, **kw))
     summary = check_dataset(tmp_path/'l.txt', data_prefix=root, classes=['run', 'sit'])
     assert sorted(probed) == sorted({root/good[0], root/bad[0], root/good[2]})  # each file once, however often listed
     assert summary.loc['run', ['listed', 'ok', 'duplicate']].tolist() == [2, 2, 1]

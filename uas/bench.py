@@ -24,7 +24,7 @@ import uas
 import uas.backbone
 from .backbone import convert_torchvision_state_dict, get_window_size
 from .config import TrainSettings
-from .data import VideoDataset, read_annotations
+from .data import VideoDataset, bench_check, read_annotations
 from .features import extract_features
 from .model import build_recognizer
 from .synthetic import make_synthetic
@@ -525,6 +525,7 @@ def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64
 
 # %% ../nbs/12_bench.ipynb #d216e856
 BENCHMARK_MODULES = ('uas.timeline',) # benchmarks that live beside their subject register when their module is imported
+benchmark('check')(bench_check) # `check_dataset` on a long clip, defined beside it in `uas.data` (which cannot import this module)
 
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
         ) -> int:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .checkpoint import DOWNLOADS, download, k700_diff_classes
-from .data import AnnotationError, class_names, clip_file, check_dataset, read_annotations
+from .data import AnnotationError, class_names, clip_file, check_backends, check_dataset, clip_findings, read_annotations
 from .model import MODES, build_recognizer
 from .video import get_pipeline
 
@@ -489,9 +489,10 @@ def uas_check(config:str, # a preset name, a reference config path or a YAML fil
               cfg_options:Param('overrides as key=value pairs, as the reference\'s --cfg-options', str, nargs='*')=None,
               out:str=None, # the report folder (default: the config's work_dir, else `check_<config name>`)
               strict:bool=False, # exit with status 1 when any problem is found
-              num_workers:int=0 # probe clips in this many worker processes
+              num_workers:int=0, # probe clips in this many worker processes
+              backends:bool=False # also read every clip with decord and PyAV and report where they differ (slower)
              ) -> int:
-    "Check every split of a config before a long run: clips per class, unreadable clips, duplicates; write a report."
+    "Check every split of a config before a long run: clips per class, unreadable clips, duplicates, notes (clips that loop, frame rates); write a report."
     cfg = load_config(config, cfg_options)
     report = check_config(cfg, num_workers=num_workers, progress=True)
     out = Path(out or cfg.work_dir or f'check_{Path(config).stem}')
@@ -499,6 +500,10 @@ def uas_check(config:str, # a preset name, a reference config path or a YAML fil
         total = summary.loc['total']
         print(f'{s}: {total.listed} listed, {total.ok} ok, {total.missing} missing, {total.unreadable} unreadable, '
               f'{total.bad_entry} left out, {total.duplicate} duplicates')
+        pipeline = getattr(cfg.data, s).build_pipeline()
+        for note in clip_findings(summary, span=pipeline.clip_len * pipeline.frame_interval): print(f'{s}: note: {note}')
+        if backends:
+            for d in check_backends(summary, progress=True).itertuples(): print(f'{s}: note: {d.path}: {d.reason}')
     for p in report['problems']: print('problem:', p)
     print(f'report: {write_check(report, out)}')
     return 1 if strict and report['problems'] else 0

@@ -7,11 +7,12 @@ __all__ = ['VIDEO_EXTENSIONS', 'CHIMPBEHAVE_CLASSES', 'KNOWN_CLASSES', 'SKIP_COL
            'Skip', 'AnnotationError', 'ClipError', 'Annotations', 'read_class_names', 'class_names', 'detect_format',
            'find_behavior_map', 'read_annotations', 'SkipReport', 'clip_file', 'VideoDataset', 'clip_seed',
            'balanced_weights', 'ClipSampler', 'ClipReader', 'collate_clips', 'seed_worker', 'ClipLoader', 'make_loader',
-           'world', 'init_distributed', 'gather_ranks', 'sum_ranks', 'on_rank0', 'barrier', 'probe_clip',
-           'check_dataset', 'without_problems']
+           'world', 'init_distributed', 'gather_ranks', 'sum_ranks', 'on_rank0', 'barrier', 'inspect_clip',
+           'probe_clip', 'check_dataset', 'clip_findings', 'compare_backends', 'check_backends', 'without_problems',
+           'bench_check']
 
 # %% ../nbs/01_data.ipynb #cd764d0d
-import json, logging, os, random
+import json, logging, os, random, subprocess, sys, tempfile, time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -22,10 +23,11 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
+from fastcore.script import store_true
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from .video import VideoReadError, get_pipeline, open_video
+from .video import VideoReadError, get_pipeline, open_video, probe_points, write_video
 
 # %% ../nbs/01_data.ipynb #101742a4
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class ClipError(RuntimeError):
 _log = logging.getLogger('uas.data')
 
 # %% ../nbs/01_data.ipynb #b323964b
-VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.mov', '.webm', '.gif')
+VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.avi', '.mkv', '.mov', '.webm', '.gif', '.ts', '.mts', '.m2ts', '.mpg', '.mpeg',
+                    '.flv', '.wmv', '.3gp')
 CHIMPBEHAVE_CLASSES = ('sitting', 'standing', 'walking', 'hanging', 'climbing_up', 'climbing_down', 'running')
 KNOWN_CLASSES = {'chimpbehave': CHIMPBEHAVE_CLASSES}
 
@@ -160,8 +163,14 @@ def detect_format(path) -> str:
     if not path.is_file(): raise FileNotFoundError(f'no annotation list or folder at {path}')
     if path.suffix.lower() in VIDEO_EXTENSIONS: raise AnnotationError(f'{path} is a video, not an annotation list or folder')
     lines = [l.decode('utf-8', 'replace').split() for l in path.read_bytes().splitlines()[:1000] if l.strip()]
-    mammalnet = sum(len(l) >= 3 and _as_int(l[-1]) is not None and _as_int(l[-2]) is not None for l in lines)
-    return 'mammalnet' if lines and mammalnet > len(lines) / 2 else 'mmaction'
+    three = [' '.join(l[:-2]) for l in lines if len(l) >= 3 and _as_int(l[-1]) is not None and _as_int(l[-2]) is not None]
+    if not lines or len(three) <= len(lines) / 2: return 'mmaction'
+    if sum(Path(p).suffix.lower() not in VIDEO_EXTENSIONS for p in three) > len(three) / 2:
+        raise AnnotationError(f'{path} looks like an mmaction raw-frame list ("frame_dir total_frames label", e.g. '
+                              f'{" ".join(lines[0])!r}): uas reads videos, not folders of frames. Encode each folder as a video '
+                              '(ffmpeg -i frame_dir/img_%05d.jpg frame_dir.mp4) and list "frame_dir.mp4 label" lines, '
+                              "or pass fmt='mammalnet' if these lines are MammalNet's")
+    return 'mammalnet'
 
 # %% ../nbs/01_data.ipynb #de152621
 def find_behavior_map(list_path) -> Path:
@@ -247,21 +256,34 @@ def _apply_duplicates(path, # the list file, for the messages
     kept = [e for i, e in enumerate(entries) if i not in later]
     return kept, sorted(skipped + again, key=lambda s: _line(s.where))
 
+# %% ../nbs/01_data.ipynb #f36b0003
+def _folder_classes(root:Path, # the dataset folder, for the message
+                    folders:list # its class folders, sorted by name
+                   ) -> list:
+    "Class names of a folder dataset, in folder-name order; a warning when a known dataset numbers the same classes otherwise."
+    names = [f.name for f in folders]
+    for dataset, known in KNOWN_CLASSES.items():
+        if sorted(names) == sorted(known) and names != list(known):
+            _log.warning(f"{root}: the class folders are {dataset}'s classes, labelled here in folder-name order {names}; "
+                         f"{dataset}'s own lists and models number them {list(known)}: pass classes={dataset!r} to use its order")
+    return names
+
 # %% ../nbs/01_data.ipynb #2dbcf723
 def _is_video(path): return path.suffix.lower() in VIDEO_EXTENSIONS
+def _hidden(path, below=None): return any(part.startswith('.') for part in path.relative_to(below or path.parent).parts)
 
 def _read_folder(root, names):
     "Entries, skipped files and class names of a folder of class folders."
     skipped, entries = [], []
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
     for p in sorted(root.iterdir()):
         rel = p.relative_to(root).as_posix()
-        if p.is_dir() and p.name.startswith('.'): skipped.append(Skip(rel, str(root), 'bad entry', 'hidden folder'))
-        elif not p.is_dir(): skipped.append(Skip(rel, str(root), 'bad entry', 'not in a class folder'))
-    names = [f.name for f in folders] if names is None else names
+        if p.is_dir() and _hidden(p): skipped.append(Skip(rel, str(root), 'bad entry', 'hidden folder'))
+        elif not p.is_dir() and not _hidden(p): skipped.append(Skip(rel, str(root), 'bad entry', 'not in a class folder'))
+    names = _folder_classes(root, folders) if names is None else names
     label = {c: i for i, c in enumerate(names)}
     for folder in folders:
-        for p in sorted(q for q in folder.rglob('*') if not q.is_dir()):
+        for p in sorted(q for q in folder.rglob('*') if not q.is_dir() and not _hidden(q, folder)):
             rel = p.relative_to(root).as_posix()
             if folder.name not in label:
                 skipped.append(Skip(rel, str(root), 'bad entry', f'folder {folder.name!r} is not one of the classes {names}'))
@@ -269,6 +291,11 @@ def _read_folder(root, names):
                 kind = p.suffix or 'no extension'
                 skipped.append(Skip(rel, str(root), 'bad entry', f'not a video file ({kind}; clips end in {", ".join(VIDEO_EXTENSIONS)})'))
             else: entries.append(Entry(rel, label[folder.name], str(p)))
+    loose = [s.path for s in skipped if s.reason == 'not in a class folder' and _is_video(Path(s.path))]
+    if loose and not entries:
+        raise AnnotationError(f"{root}: {len(loose)} clip(s) lie in the folder itself (e.g. {loose[0]!r}) and none in a class "
+                              f"folder: put each behaviour's clips in a sub-folder named after it ({root}/<behaviour>/<clip>), "
+                              'or list them in an annotation file of "path label" lines')
     return entries, skipped, names
 
 # %% ../nbs/01_data.ipynb #786b0546
@@ -623,26 +650,40 @@ def gather_skips(self:ClipLoader):
     if self.report and world()[0] == 0: self.dataset.write_skip_report()
 
 # %% ../nbs/01_data.ipynb #c7415124
-def probe_clip(path, # the clip file
-               min_frames:int=1, # fewer frames than this is 'too short'
-               chunk:int=32 # frames decoded at a time
-              ) -> tuple:
-    "`(status, frames, reason)` of one clip file: status 'ok', 'missing', 'unreadable' or 'too short'."
-    path = Path(path)
-    if not path.is_file(): return 'missing', 0, 'no such file'
+def inspect_clip(path, # the clip file
+                 min_frames:int=1, # fewer frames than this is 'too short'
+                 exact:bool=False, # decode every frame; default: the `points` frames of `uas.video.probe_points`
+                 points:int=5, # frames decoded when not `exact`
+                 chunk:int=32 # frames decoded at a time when `exact`
+                ) -> dict:
+    "What a check learns of one clip file: status ('ok', 'missing', 'unreadable', 'too short'), frames, reason, fps, backend, frames decoded."
+    path, out = Path(path), dict(status='ok', frames=0, reason='', fps=float('nan'), backend='', decoded=0)
+    if not path.is_file(): return {**out, 'status': 'missing', 'reason': 'no such file'}
     try:
         with open_video(path) as video:
             n = len(video)
-            for start in range(0, n, chunk): video.get_frames(list(range(start, min(n, start + chunk))))
-    except VideoReadError as e: return 'unreadable', 0, e.reason
-    if n < min_frames: return 'too short', n, f'{n} frames, fewer than {min_frames}'
-    return 'ok', n, ''
+            batches = [range(s, min(n, s + chunk)) for s in range(0, n, chunk)] if exact else [probe_points(video, points)]
+            for batch in batches: video.get_frames(list(batch))
+            out.update(frames=n, fps=video.fps, backend=video.backend, decoded=sum(map(len, batches)))
+    except VideoReadError as e: return {**out, 'status': 'unreadable', 'reason': e.reason}
+    if n < min_frames: out.update(status='too short', reason=f'{n} frames, fewer than {min_frames}')
+    return out
+
+def probe_clip(path, # the clip file
+               min_frames:int=1, # fewer frames than this is 'too short'
+               chunk:int=32, # frames decoded at a time when `exact`
+               exact:bool=False, # decode every frame (default: a few spread over the clip)
+               points:int=5 # frames decoded when not `exact`
+              ) -> tuple:
+    "`(status, frames, reason)` of one clip file: status 'ok', 'missing', 'unreadable' or 'too short'."
+    found = inspect_clip(path, min_frames, exact, points, chunk)
+    return found['status'], found['frames'], found['reason']
 
 # %% ../nbs/01_data.ipynb #d22d6b93
 class _Probe(Dataset):
-    def __init__(self, paths, min_frames): self.paths, self.min_frames = paths, min_frames
+    def __init__(self, paths, **kw): self.paths, self.kw = paths, kw
     def __len__(self): return len(self.paths)
-    def __getitem__(self, i): return probe_clip(self.paths[i], self.min_frames)
+    def __getitem__(self, i): return inspect_clip(self.paths[i], **self.kw)
 
 STATUSES = ['ok', 'missing', 'unreadable', 'too short']
 
@@ -657,6 +698,8 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
                   min_frames:int=1, # clips with fewer frames are 'too short'
                   num_workers:int=0, # probe clips in this many worker processes
                   progress:bool=True, # show a progress bar (a check of thousands of clips takes minutes)
+                  exact:bool=False, # decode every frame of every clip (slow on long clips); default: `points` frames per clip
+                  points:int=5, # frames decoded per clip when not `exact` (see `uas.video.probe_points`)
                   **read_kw # passed to `read_annotations` (with `on_error='skip'`) when `annotations` is a path
                  ) -> pd.DataFrame:
     "Per-class summary of a dataset: clips listed, ok, missing, unreadable, too short, duplicate; problems in `.attrs`."
@@ -665,23 +708,75 @@ def check_dataset(annotations, # a `VideoDataset`, `Annotations`, or a list file
     prefix = Path(data_prefix) if data_prefix is not None else annotations.root
     paths = [clip_file(e.path, prefix) for e in annotations]
     files = list(dict.fromkeys(paths))
-    probed = dict(zip(files, tqdm(DataLoader(_Probe(files, min_frames), batch_size=None, num_workers=num_workers),
+    probe = _Probe(files, min_frames=min_frames, exact=exact, points=points)
+    probed = dict(zip(files, tqdm(DataLoader(probe, batch_size=None, num_workers=num_workers),
                                   total=len(files), desc='checking clips', disable=not progress)))
-    probes = [probed[p] for p in paths]
     repeats = _repeats(annotations.entries)
     again = {j for _, j in repeats}
-    clips = pd.DataFrame([(e.label, s, n, i in again) for i, (e, (s, n, _)) in enumerate(zip(annotations, probes))],
-                         columns=['label', 'status', 'frames', 'duplicate'])
+    clips = pd.DataFrame([dict(path=e.path, where=e.where, label=e.label, file=str(p), duplicate=i in again, **probed[p])
+                          for i, (e, p) in enumerate(zip(annotations, paths))],
+                         columns=['path', 'where', 'label', 'file', 'duplicate', 'status', 'frames', 'reason', 'fps', 'backend', 'decoded'])
     rows = {c: _summary_row(clips[clips.label == i]) for i, c in enumerate(annotations.classes)}
     rows['total'] = _summary_row(clips, len(annotations.skipped))
     summary = pd.DataFrame.from_dict(rows, orient='index').rename_axis('class')
-    problems = [asdict(s) for s in annotations.skipped] + [dict(path=e.path, where=e.where, status=s, reason=r, index=i)
-                                                          for i, (e, (s, _, r)) in enumerate(zip(annotations, probes)) if s != 'ok']
+    problems = [asdict(s) for s in annotations.skipped] + [dict(path=c.path, where=c.where, status=c.status, reason=c.reason, index=i)
+                                                          for i, c in enumerate(clips.itertuples()) if c.status != 'ok']
     summary.attrs['problems'] = pd.DataFrame(problems, columns=SKIP_COLUMNS)
     entries = annotations.entries
     summary.attrs['duplicates'] = pd.DataFrame([(entries[j].path, entries[j].where, entries[i].where) for i, j in repeats],
                                                columns=['path', 'where', 'first'])
+    summary.attrs['clips'] = clips
+    summary.attrs['decoded'] = 'every frame' if exact else f'up to {max(points, 2)} frames per clip'
     return summary
+
+# %% ../nbs/01_data.ipynb #f36c0002
+def _examples(paths, frames, n:int=5) -> str:
+    "The first `n` clips as `path (frames)`, and how many more there are."
+    shown = [f'{p} ({f} frames)' for p, f in zip(list(paths)[:n], list(frames)[:n])]
+    return ', '.join(shown) + (f' and {len(paths) - n} more' if len(paths) > n else '')
+
+def clip_findings(summary:pd.DataFrame, # what `check_dataset` returned
+                  span:int=None # frames one sampled clip spans, `clip_len * frame_interval` (None: not checked)
+                 ) -> list:
+    "What a check found that is not a problem, in sentences: what it decoded, clips shorter than `span`, a spread of frame rates."
+    clips = summary.attrs['clips']
+    ok = clips[clips.status == 'ok'].drop_duplicates('file')
+    notes = [f"{int(clips.drop_duplicates('file').decoded.sum())} frames decoded in {clips.file.nunique()} files "
+             f"({summary.attrs['decoded']})"]
+    short = ok[ok.frames < span] if span else ok.iloc[:0]
+    if len(short): notes.append(f'{len(short)} clip(s) have fewer frames than the {span} a sampled clip spans, so their '
+                                f'clips loop, as in the reference: {_examples(short.path, short.frames)}')
+    rates = ok.fps.dropna()
+    if len(rates) and rates.max() > 1.01 * rates.min():
+        counts = ', '.join(f'{r:g} fps: {c}' for r, c in rates.round(2).value_counts().sort_index().items())
+        seconds = f'; {span} frames last {span / rates.max():.2g} s to {span / rates.min():.2g} s' if span else ''
+        notes.append(f'frame rates differ from {rates.min():.3g} to {rates.max():.3g} fps ({counts} clips){seconds}')
+    return notes
+
+# %% ../nbs/01_data.ipynb #f36c0005
+def compare_backends(path, # a clip file
+                     points:int=5 # frames compared (see `uas.video.probe_points`)
+                    ) -> str:
+    "How decord and PyAV read the clip at `path` differently (frame counts, or frames at the probe points); '' if alike."
+    try:
+        with open_video(path, 'decord') as dec, open_video(path, 'pyav') as pyav:
+            if len(dec) != len(pyav): return f'decord counts {len(dec)} frames, PyAV {len(pyav)}'
+            at = probe_points(pyav, points)
+            diff = np.abs(dec.get_frames(at).astype(np.int16) - pyav.get_frames(at)).mean(axis=(1, 2, 3))
+    except VideoReadError as e: return f'one backend cannot read it: {e.reason}'
+    off = [f'{i} ({d:.0f} levels)' for i, d in zip(at, diff) if d > 1]
+    return f'decord and PyAV give other frames at {", ".join(off)}' if off else ''
+
+def check_backends(summary:pd.DataFrame, # what `check_dataset` returned
+                   points:int=5, # frames compared per clip
+                   progress:bool=False # show a progress bar
+                  ) -> pd.DataFrame:
+    "The readable clips of a check that decord and PyAV read differently: path, where, reason."
+    clips = summary.attrs['clips']
+    ok = clips[clips.status == 'ok'].drop_duplicates('file')
+    found = [(c.path, c.where, compare_backends(c.file, points))
+             for c in tqdm(ok.itertuples(), total=len(ok), desc='comparing backends', disable=not progress)]
+    return pd.DataFrame([f for f in found if f[2]], columns=['path', 'where', 'reason'])
 
 # %% ../nbs/01_data.ipynb #a21aa95c
 def without_problems(annotations:Annotations, # the annotations checked
@@ -693,3 +788,72 @@ def without_problems(annotations:Annotations, # the annotations checked
     moved = [Skip(r.path, r.where, r.status, r.reason) for r in found.itertuples()]
     return Annotations([e for i, e in enumerate(annotations) if i not in bad], annotations.classes, annotations.fmt,
                        annotations.source, annotations.skipped + moved)
+
+# %% ../nbs/01_data.ipynb #f36d0002
+_MEASURE = """
+import json, resource, sys, time
+import av, decord
+from uas.data import check_dataset
+def peak_kb():
+    "The process's peak resident memory: VmHWM on Linux (reset below), else ru_maxrss."
+    try: return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))
+    except OSError: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try: open('/proc/self/clear_refs', 'w').write('5')  # Linux: the peak restarts from the memory in use after the imports
+except OSError: pass
+base = peak_kb()
+start = time.perf_counter()
+summary = check_dataset(sys.argv[1], progress=False, exact=sys.argv[2] == 'exact', points=int(sys.argv[3]))
+seconds = time.perf_counter() - start
+clips = summary.attrs['clips']
+print(json.dumps(dict(seconds=seconds, peak_mb=(peak_kb() - base) / 1024, base_mb=base / 1024, ok=int(summary.loc['total', 'ok']),
+                      frames=int(clips.frames.sum()), decoded=int(clips.decoded.sum()))))
+"""
+
+def _measure_check(root, # a dataset folder
+                   exact:bool, # the every-frame check
+                   points:int # frames the default check decodes per clip
+                  ) -> dict:
+    "Seconds and peak-memory rise (MB) of `check_dataset(root)` in a fresh process, measured after its imports."
+    run = subprocess.run([sys.executable, '-c', _MEASURE, str(root), 'exact' if exact else 'points', str(points)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+def _moving_frames(n:int, # frames
+                   size:int # width and height
+                  ):
+    "`n` uint8 frames of three drifting colour ramps, one at a time (a long clip never sits in memory whole)."
+    y, x = np.mgrid[:size, :size]
+    for t in range(n):
+        yield np.stack([(x + 4 * t) % 256, (y + 2 * t) % 256, ((x + y) // 4 + t) % 256], axis=-1).astype(np.uint8)
+
+def bench_check(minutes:float=2, # length of the clip
+                size:int=1024, # its width and height
+                fps:int=25, # its frame rate
+                points:int=5, # frames the default check decodes per clip
+                repeats:int=3, # fresh processes timing the default check: the median time and the largest memory rise count
+                exact:store_true=False, # also time the exact check (every frame: slow), once
+                data:str=None, # folder for the clip, reused by later runs with the same settings (default: a temporary one)
+                out_dir:str=None # folder for the results file (default: `figures/data` of the checkout)
+               ):
+    "Seconds and peak-memory rise of `check_dataset` on one long clip: the default check and, with `--exact`, the exact one."
+    from uas.bench import bench_data, record  # here, not at the top: `uas.bench` imports this module
+    settings = dict(minutes=minutes, size=size, fps=fps)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = bench_data(data or tmp, 'check', settings)
+        clip = root/'clips'/'long'/'clip.mp4'
+        written = None
+        if not clip.is_file():
+            clip.parent.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            write_video(clip, _moving_frames(round(minutes * 60 * fps), size), fps=fps, preset='ultrafast')
+            written = time.perf_counter() - start
+            print(f'wrote {clip} in {written:.0f} s', flush=True)
+        runs = [_measure_check(root/'clips', False, points) for _ in range(repeats)]
+        default = dict(runs[0], seconds=float(np.median([r['seconds'] for r in runs])), peak_mb=max(r['peak_mb'] for r in runs))
+        out = dict(settings, file_mb=clip.stat().st_size / 2**20, write_s=written, points=points, runs=runs, default=default)
+        if exact: out['exact'] = _measure_check(root/'clips', True, points)
+    for mode in ('default', 'exact')[:1 + exact]:
+        m = out[mode]
+        print(f"{mode:>8}: {m['seconds']:.2f} s, peak memory +{m['peak_mb']:.0f} MB, {m['decoded']} of {m['frames']} frames decoded")
+    extra = dict(exact_s=out['exact']['seconds'], exact_peak_mb=out['exact']['peak_mb']) if exact else {}
+    return record('check', out, out_dir, seconds=out['default']['seconds'], peak_mb=out['default']['peak_mb'], **extra)

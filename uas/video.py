@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['BT601', 'YUV_TAGS', 'DECODE_ORDER_FORMATS', 'BACKENDS', 'PYAV_FIRST', 'MEAN', 'STD', 'STAGES', 'DATASET_PIPELINES',
            'VideoReadError', 'to_yuv420p', 'write_video', 'VideoReader', 'PyAVReader', 'DecordReader', 'open_video',
-           'sample_frames', 'to_views', 'short_side_size', 'resize', 'crop', 'flip', 'center_crop',
-           'three_crop_offsets', 'three_crop', 'random_resized_box', 'normalize', 'Step', 'Resize', 'RandomResizedCrop',
-           'Flip', 'CenterCrop', 'ThreeCrop', 'Normalize', 'Pipeline', 'train_pipeline', 'val_pipeline',
-           'testing_pipeline', 'pipeline_names', 'get_pipeline']
+           'keyframes', 'probe_points', 'sample_frames', 'to_views', 'short_side_size', 'resize', 'crop', 'flip',
+           'center_crop', 'three_crop_offsets', 'three_crop', 'random_resized_box', 'normalize', 'Step', 'Resize',
+           'RandomResizedCrop', 'Flip', 'CenterCrop', 'ThreeCrop', 'Normalize', 'Pipeline', 'train_pipeline',
+           'val_pipeline', 'testing_pipeline', 'pipeline_names', 'get_pipeline']
 
 # %% ../nbs/00_video.ipynb #c002
-import bisect, math, os, sys, threading, traceback
+import bisect, itertools, math, os, sys, threading, traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,7 +61,7 @@ def to_yuv420p(frame:np.ndarray # uint8 [H, W, 3] RGB or [H, W] grey, with even 
 YUV_TAGS = dict(color_range=1, colorspace=6) # FFmpeg's AVCOL_RANGE_MPEG (limited), AVCOL_SPC_SMPTE170M (BT.601)
 
 def write_video(path, # file to write; the suffix picks the container (.mp4, .avi, .mkv, .gif)
-                frames:np.ndarray, # uint8 frames, [T, H, W, 3] RGB or [T, H, W] grey
+                frames, # uint8 frames, [T, H, W, 3] RGB or [T, H, W] grey, or an iterable of [H, W, 3] or [H, W] frames
                 codec:str='libx264', # an FFmpeg encoder name
                 fps:int=25, # frames per second
                 pix_fmt:str='yuv420p', # pixel format the encoder stores (yuv420p made by `to_yuv420p`)
@@ -69,16 +69,19 @@ def write_video(path, # file to write; the suffix picks the container (.mp4, .av
                ) -> Path:
     "Encode `frames` into a video file with PyAV; returns the path."
     import av
-    frames = np.asarray(frames, dtype=np.uint8)
-    height, width = frames.shape[1:3]
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None: raise ValueError(f'no frames to write to {path}')
+    height, width = np.shape(first)[:2]
     planar = pix_fmt == 'yuv420p'
-    fmt = 'yuv420p' if planar else 'gray' if frames.ndim == 3 else 'rgb24'
+    fmt = 'yuv420p' if planar else 'gray' if np.ndim(first) == 2 else 'rgb24'
     with av.open(str(path), 'w') as out:
         stream = out.add_stream(codec, rate=fps, options={k: str(v) for k, v in options.items()})
         stream.height, stream.width, stream.pix_fmt = height, width, pix_fmt
         if planar:
             for name, value in YUV_TAGS.items(): setattr(stream.codec_context, name, value)
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
+            frame = np.asarray(frame, dtype=np.uint8)
             frame = to_yuv420p(frame) if planar else np.ascontiguousarray(frame)
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format=fmt)))
         out.mux(stream.encode())
@@ -319,6 +322,23 @@ def open_video(path, # video file
         except VideoReadError as second:
             raise VideoReadError(path, f'{second.reason} (PyAV); {first.reason}') from second
 
+# %% ../nbs/00_video.ipynb #f36a0002
+def keyframes(video:VideoReader # an open video
+             ) -> list:
+    "Indices of `video`'s keyframes, where decoding starts afresh: reading one costs a single frame's decoding."
+    if isinstance(video, DecordReader):
+        if video._pyav is not None: return keyframes(video._pyav)
+        return sorted({0, *video._vr.get_key_indices()}) if video._vr is not None else [0]
+    return list(getattr(video, '_keyframes', [0]))
+
+def probe_points(video:VideoReader, # an open video
+                 points:int=5 # frames to decode (at least 2: the first and the last)
+                ) -> list:
+    "Frame indices spread over `video`: the keyframe at or before each of `points - 1` even steps, and the last frame."
+    n, keys = len(video), np.asarray(keyframes(video))
+    steps = np.linspace(0, n - 1, max(points, 2))[:-1]
+    return sorted({*keys[np.searchsorted(keys, steps, side='right') - 1].tolist(), n - 1})
+
 # %% ../nbs/00_video.ipynb #c037
 def _as_rng(rng) -> np.random.Generator:
     "A NumPy Generator from None (fresh entropy), a seed, or a Generator."
@@ -528,19 +548,23 @@ class Pipeline:
                  test_mode:bool=False, # uniform clip offsets (val/test) instead of random ones (train)
                  steps:list=(), # transforms applied in order, ending with `Normalize`
                  backend:str='auto', # video backend, see `open_video`
-                 name:str=None # e.g. 'chimpbehave_test'
+                 name:str=None, # e.g. 'chimpbehave_test'
+                 target_fps:float=None # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                 ):
         self.clip_len, self.frame_interval, self.num_clips = clip_len, frame_interval, num_clips
-        self.test_mode, self.steps, self.backend, self.name = test_mode, list(steps), backend, name
+        self.test_mode, self.steps, self.backend, self.name, self.target_fps = test_mode, list(steps), backend, name, target_fps
 
     @property
     def train(self) -> bool: return not self.test_mode
     @property
     def views(self) -> int: return self.num_clips * math.prod(s.views for s in self.steps)
 
-    def indices(self, num_frames:int, rng=None) -> np.ndarray:
-        "Frame indices `(num_clips, clip_len)` for a video of `num_frames` frames."
-        return sample_frames(num_frames, self.clip_len, self.frame_interval, self.num_clips, self.test_mode, rng)
+    def indices(self, num_frames:int, rng=None, fps:float=None) -> np.ndarray:
+        "Frame indices `(num_clips, clip_len)` for a video of `num_frames` frames recorded at `fps`."
+        sample = lambda n: sample_frames(n, self.clip_len, self.frame_interval, self.num_clips, self.test_mode, rng)
+        if self.target_fps is None or not fps or math.isnan(fps): return sample(num_frames)
+        on_timeline = sample(max(1, int(num_frames * self.target_fps / fps + 1e-6)))
+        return np.minimum((on_timeline * fps / self.target_fps + 1e-6).astype(np.int64), num_frames - 1)
 
     def apply(self, frames, rng=None) -> torch.Tensor:
         "Run the steps on decoded frames `[num_clips*clip_len, H, W, 3]`; returns `[V, 3, T, H, W]`."
@@ -551,11 +575,12 @@ class Pipeline:
     def __call__(self, path, rng=None) -> torch.Tensor:
         "The model's input for the video at `path`."
         rng = _as_rng(rng)
-        with open_video(path, self.backend) as video: frames = video.get_frames(self.indices(len(video), rng).ravel())
+        with open_video(path, self.backend) as video: frames = video.get_frames(self.indices(len(video), rng, video.fps).ravel())
         return self.apply(frames, rng)
 
     def __repr__(self):
         sampling = f'SampleFrames(clip_len={self.clip_len}, frame_interval={self.frame_interval}, num_clips={self.num_clips}, test_mode={self.test_mode})'
+        if self.target_fps is not None: sampling += f' at {self.target_fps:g} fps'
         return f"Pipeline({self.name or ''}: " + ' -> '.join([sampling] + [repr(s) for s in self.steps]) + f'; {self.views} view(s))'
 
 # %% ../nbs/00_video.ipynb #c086
@@ -570,12 +595,13 @@ def train_pipeline(clip_len:int=32, # frames per clip
                    mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                    std:tuple=STD, # normalisation standard deviation
                    backend:str='auto', # video backend, see `open_video`
+                   target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                    name:str=None # a name for `repr`
                   ) -> Pipeline:
     "The reference's train pipeline: random clip, short side, random resized crop, square resize, flip, normalise."
     steps = [Resize(short_side=short_side), RandomResizedCrop(area_range, aspect_ratio_range),
              Resize(size=(crop_size, crop_size)), Flip(flip_ratio), Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, False, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, False, steps, backend, name, target_fps)
 
 def val_pipeline(clip_len:int=32, # frames per clip
                  frame_interval:int=2, # step between a clip's frames
@@ -585,11 +611,12 @@ def val_pipeline(clip_len:int=32, # frames per clip
                  mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                  std:tuple=STD, # normalisation standard deviation
                  backend:str='auto', # video backend, see `open_video`
+                 target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                  name:str=None # a name for `repr`
                 ) -> Pipeline:
     "The reference's val pipeline: uniform clip, short side, centre crop, normalise."
     steps = [Resize(short_side=short_side), CenterCrop(crop_size), Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name, target_fps)
 
 def testing_pipeline(clip_len:int=32, # frames per clip
                      frame_interval:int=2, # step between a clip's frames
@@ -600,12 +627,13 @@ def testing_pipeline(clip_len:int=32, # frames per clip
                      mean:tuple=MEAN, # normalisation mean (RGB, 0-255)
                      std:tuple=STD, # normalisation standard deviation
                      backend:str='auto', # video backend, see `open_video`
+                     target_fps:float=None, # sample on a timeline of this frame rate (None: the video's frames, as the paper)
                      name:str=None # a name for `repr`
                     ) -> Pipeline:
     "The reference's test pipeline: uniform clips, short side, three crops (or a centre crop), normalise."
     crops = ThreeCrop(crop_size) if three_crop else CenterCrop(crop_size)
     steps = [Resize(short_side=short_side or crop_size), crops, Normalize(mean, std)]
-    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name)
+    return Pipeline(clip_len, frame_interval, num_clips, True, steps, backend, name, target_fps)
 
 # %% ../nbs/00_video.ipynb #c088
 STAGES = {'train': train_pipeline, 'val': val_pipeline, 'test': testing_pipeline}
