@@ -33,6 +33,7 @@ setuptools.setup(
     project_urls={'Source': cfg['git_url']},
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
+    package_data={cfg['lib_path']: ['spaces/*.pth']},  # the mini action space (registry name 'mini')
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

@@ -1,5 +1,5 @@
 "Fresh-install checks: the package builds, carries every module and console script, and runs outside the checkout."
-import os, subprocess, sys, zipfile
+import json, os, subprocess, sys, zipfile
 
 import pytest
 from conftest import ROOT
@@ -29,10 +29,16 @@ def test_wheel_metadata(wheel):
     entry = z.read(next(n for n in z.namelist() if n.endswith('entry_points.txt'))).decode()
     assert 'uas_bench = uas.bench:main' in entry
     assert 'uas_split = uas.config:uas_split' in entry and 'uas_check = uas.config:uas_check' in entry
+    for script in ('uas_train = uas.cli:train_main', 'uas_test = uas.cli:test_main', 'uas_extract = uas.cli:extract_main',
+                   'uas_predict = uas.cli:predict_main', 'uas_demo = uas.demo:demo_main', 'uas_mini_space = uas.mini:mini_space_main'):
+        assert script in entry, script
+
+def test_wheel_ships_the_mini_action_space(wheel):
+    assert 'uas/spaces/mini.pth' in zipfile.ZipFile(wheel).namelist()
 
 @pytest.mark.slow
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
-    "Install the wheel alone into a folder and run a benchmark from elsewhere: results go to the current folder."
+    "Install the wheel alone into a folder and run a benchmark and the quick demo from elsewhere (the demo finds the shipped space)."
     site = tmp_path/'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', str(site), str(wheel)],
                    check=True, capture_output=True, timeout=600)
@@ -43,3 +49,9 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].startswith(str(site))
     assert (work/'figures'/'data'/'env.json').exists()
+    demo = subprocess.run([sys.executable, '-c', 'import sys; from uas.demo import demo_main; sys.exit(demo_main())', '--quick',
+                           '--work-dir', 'demo', '--no-progress'], capture_output=True, text=True, cwd=work, env=env, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert 'UAS head, mini space' in demo.stdout and (work/'demo'/'efficiency.png').exists()
+    origin = json.loads((work/'demo'/'runs'/'uas_head'/'record.json').read_text())['pretrained']
+    assert origin['source'] == 'mini', origin  # the shipped space, found in the installed package

@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['WRAPPERS', 'RELEASES', 'LABEL_MAPS', 'DOWNLOADS', 'CheckpointError', 'numpy_safe_globals', 'read_checkpoint',
            'unwrap_checkpoint', 'Head', 'split_checkpoint', 'Mismatch', 'KeyDiff', 'compare_keys', 'LoadReport',
-           'load_backbone', 'cache_dir', 'fetch_url', 'Download', 'registry_url', 'download', 'kinetics_classes',
-           'k700_diff_classes']
+           'load_backbone', 'cache_dir', 'fetch_url', 'Download', 'packaged', 'registry_url', 'download',
+           'kinetics_classes', 'k700_diff_classes']
 
 # %% ../nbs/03_checkpoint.ipynb #81107e4b
 import hashlib, os, pickle, re, uuid, zipfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlparse
@@ -276,8 +277,8 @@ RELEASES = 'https://github.com/franktpmvu/Universal-Action-Space/releases/downlo
 LABEL_MAPS = 'https://raw.githubusercontent.com/open-mmlab/mmaction2/main/tools/data/kinetics'
 
 class Download(NamedTuple):
-    "One entry of the registry: a file under the release prefix or in the label-map folder."
-    folder: str # 'releases' (`UAS_DOWNLOAD_BASE`) or 'label_maps' (`UAS_LABELMAP_BASE`)
+    "One entry of the registry: a file under the release prefix, in the label-map folder, or in the package."
+    folder: str # 'releases' (`UAS_DOWNLOAD_BASE`), 'label_maps' (`UAS_LABELMAP_BASE`) or 'package' (shipped with uas)
     path: str # relative to that folder
     description: str # what the file is, for the registry table
     sha256: str|None = None # the file's SHA-256 where known, checked on download
@@ -297,6 +298,8 @@ DOWNLOADS = {
                                '8dfca4202520ea8291ce0242ef33b006d0a0772b409663c090a2876bc1978dcf'),
     'label_map_k700': Download('label_maps', 'label_map_k700.txt', 'Kinetics-700 class names, head order',
                                '2f265d35aa76060219f7e83aff12f5aaba9d1fe27360aa83f11aad7a3648fc51'),
+    'mini': Download('package', 'spaces/mini.pth', 'the mini action space: swin3d_mini trained on the synthetic source '
+                     'actions, with its 12-action head (shipped with uas)'),
 }
 
 # %% ../nbs/03_checkpoint.ipynb #c8736ace
@@ -306,11 +309,20 @@ def _base(variable:str, default:str) -> str:
     if '://' not in base: base = Path(base).expanduser().resolve().as_uri()
     return base.rstrip('/')
 
+def packaged(name:str # a registry entry shipped with uas, e.g. 'mini'
+            ) -> Path:
+    "The file of a registry entry that ships inside the package (read in place, never copied into the cache)."
+    path = Path(str(resources.files('uas')))/DOWNLOADS[name].path
+    if not path.is_file():
+        raise CheckpointError(f'{name!r} ships with uas as {DOWNLOADS[name].path}, which this installation lacks: reinstall uas')
+    return path
+
 def registry_url(name:str # a key of `DOWNLOADS`
                 ) -> str:
     "The URL of a registry entry, after the `UAS_DOWNLOAD_BASE` / `UAS_LABELMAP_BASE` overrides."
     if name not in DOWNLOADS: raise CheckpointError(f'unknown download {name!r}; known: {", ".join(DOWNLOADS)}')
     entry = DOWNLOADS[name]
+    if entry.folder == 'package': return packaged(name).as_uri()
     base = _base('UAS_DOWNLOAD_BASE', RELEASES) if entry.folder == 'releases' else _base('UAS_LABELMAP_BASE', LABEL_MAPS)
     return f'{base}/{entry.path}'
 
@@ -321,6 +333,7 @@ def download(name_or_url:str, # a registry name (`'k400'`, `'chimpbehave_train'`
              progress:bool=True # show a progress bar
             ) -> Path:
     "The local path of a registry entry or URL: downloaded into the cache the first time, read from there after."
+    if name_or_url in DOWNLOADS and DOWNLOADS[name_or_url].folder == 'package': return packaged(name_or_url)
     if name_or_url in DOWNLOADS: url, sha256 = registry_url(name_or_url), sha256 or DOWNLOADS[name_or_url].sha256
     elif '://' in name_or_url: url = name_or_url
     else: raise CheckpointError(f'{name_or_url!r} is neither a URL nor a registry name ({", ".join(DOWNLOADS)})')
