@@ -30,7 +30,8 @@ def test_wheel_metadata(wheel):
     assert 'uas_bench = uas.bench:main' in entry
     assert 'uas_split = uas.config:uas_split' in entry and 'uas_check = uas.config:uas_check' in entry
     for script in ('uas_train = uas.cli:train_main', 'uas_test = uas.cli:test_main', 'uas_extract = uas.cli:extract_main',
-                   'uas_predict = uas.cli:predict_main', 'uas_demo = uas.demo:demo_main', 'uas_mini_space = uas.mini:mini_space_main'):
+                   'uas_predict = uas.cli:predict_main', 'uas_demo = uas.demo:demo_main', 'uas_mini_space = uas.mini:mini_space_main',
+                   'uas_timeline = uas.timeline:timeline_main'):
         assert script in entry, script
 
 def test_wheel_ships_the_mini_action_space(wheel):
