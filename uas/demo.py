@@ -43,7 +43,7 @@ METHODS = ('UAS head, mini space', 'UAS head, random backbone', 'LoRA, mini spac
 
 # %% ../nbs/20_demo.ipynb #d65783d5
 def _recipe(mode:str, settings:DemoSettings, seed:int, cached:bool=False) -> TrainSettings:
-    "The one recipe of every run: the paper's, for `settings.epochs` epochs of 8 clips a step."
+    "The one recipe of every run: the paper's (backbone at a tenth of the head's rate), at `settings.lr`, for `settings.epochs` epochs of 8 clips a step."
     return TrainSettings(mode=mode, cached=cached, epochs=settings.epochs, batch_size=8, update_interval=1, amp='no', lr=settings.lr,
                          val_interval=settings.epochs, seed=seed, class_balanced_sampler=settings.class_balanced_sampler)
 
@@ -106,7 +106,7 @@ def run_demo(work_dir, # the demo's folder (made)
     plot_efficiency(results, reference=METHODS[3], title='synthetic target behaviours: accuracy against cost').savefig(work_dir/'efficiency.png', dpi=120)
     head = runs[METHODS[0]]
     classes = list(target['classes'])
-    pd.DataFrame(confusion_matrix(head['scores'], head['labels'], len(classes)), index=classes, columns=classes).to_csv(work_dir/'confusion.csv')
+    pd.DataFrame(confusion_matrix(head['scores'], head['labels']), index=classes, columns=classes).to_csv(work_dir/'confusion.csv')
     plot_confusion(head['scores'], head['labels'], classes, title=METHODS[0]).savefig(work_dir/'confusion.png', dpi=120)
     (work_dir/'phases.json').write_text(json.dumps(dict(seconds=phases, seed=seed, settings=asdict(settings)), indent=1))
     results.attrs['phases'] = phases
