@@ -45,7 +45,8 @@ METHODS = ('UAS head, mini space', 'UAS head, random backbone', 'LoRA, mini spac
 def _recipe(mode:str, settings:DemoSettings, seed:int, cached:bool=False) -> TrainSettings:
     "The one recipe of every run: the paper's (backbone at a tenth of the head's rate), at `settings.lr`, for `settings.epochs` epochs of 8 clips a step."
     return TrainSettings(mode=mode, cached=cached, epochs=settings.epochs, batch_size=8, update_interval=1, amp='no', lr=settings.lr,
-                         val_interval=settings.epochs, seed=seed, class_balanced_sampler=settings.class_balanced_sampler)
+                         val_interval=settings.epochs, checkpoint_interval=settings.epochs, seed=seed,
+                         class_balanced_sampler=settings.class_balanced_sampler)
 
 def demo_run(method:str, # one of `METHODS`
              target:dict, # the target set (`make_synthetic`'s summary)
