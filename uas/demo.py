@@ -10,9 +10,7 @@ import json, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from fastcore.script import store_true
 
 from .bench import benchmark, record
@@ -22,7 +20,7 @@ from .features import extract_features
 from .metrics import confusion_matrix
 from .mini import CLIP, mini_dataset, mini_pipeline
 from .model import build_recognizer, count_parameters
-from .synthetic import TARGET_BEHAVIOURS, make_synthetic
+from .synthetic import make_synthetic
 from .train import Learner, evaluate_cached, evaluate_online, seed_everything
 from .viz import plot_confusion, plot_efficiency
 

@@ -8,7 +8,7 @@ __all__ = ['CLIP', 'PIPELINE', 'TRAIN_AUGMENTATION', 'TEST_RESIZE', 'SOURCE_DIFF
            'uas_mini_space', 'mini_space_main']
 
 # %% ../nbs/13_mini_space.ipynb #d1300003
-import json, time
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
