@@ -94,6 +94,11 @@ AMP = ('fp16', 'bf16', 'no')
 class ConfigError(ValueError):
     "A config that cannot be used: an unknown key, a value of the wrong type, or settings that contradict each other."
 
+def _python(value):
+    "`value` with NumPy scalars, also inside a list or tuple, turned into Python's own numbers."
+    if isinstance(value, (list, tuple)): return type(value)(_python(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
 def _choice(key, value, choices):
     if value not in choices: raise ConfigError(f'{key} must be one of {", ".join(map(repr, choices))}, got {value!r}')
 
@@ -120,6 +125,7 @@ class TrainSettings:
     class_balanced_sampler:bool = False # draw every class equally often, with replacement (the paper: no)
 
     def __post_init__(self):
+        for f in fields(self): setattr(self, f.name, _python(getattr(self, f.name)))
         _choice('train.mode', self.mode, MODES)
         _choice('train.recipe', self.recipe, RECIPES)
         _choice('amp', self.amp, AMP)

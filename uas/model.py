@@ -12,6 +12,7 @@ __all__ = ['MODES', 'KINETICS_CLASS_COUNTS', 'MODEL_FORMAT', 'UASHead', 'Kinetic
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -222,9 +223,10 @@ def parameter_table(model:nn.Module) -> pd.DataFrame:
 MODEL_FORMAT = 1
 
 def _plain(value, where:str):
-    "`value` as data that a `weights_only` load reads back (tuples become lists); a `TypeError` naming `where` otherwise."
+    "`value` as data that a `weights_only` load reads back (tuples become lists, NumPy scalars Python numbers); a `TypeError` naming `where` otherwise."
     if isinstance(value, (tuple, list)): return [_plain(v, where) for v in value]
     if isinstance(value, dict): return {str(k): _plain(v, f'{where}.{k}') for k, v in value.items()}
+    if isinstance(value, np.generic): return value.item()
     if value is None or isinstance(value, (str, bool, int, float)): return value
     raise TypeError(f'{where}={value!r} cannot go into a model file: only strings, numbers, booleans, None, lists and dicts')
 
