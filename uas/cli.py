@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, kinetics_classes
 from .config import PIPELINE_KEYS, ConfigError, build_model, checkpoint_source, config_classes, load_config
-from .data import VIDEO_EXTENSIONS, AnnotationError, ClipError, VideoDataset, init_distributed, world
+from .data import VIDEO_EXTENSIONS, AnnotationError, _hidden, ClipError, VideoDataset, init_distributed, world
 from .features import CacheMismatchError, extract_features
 from .metrics import class_report
 from .model import load_model, model_pipeline, pipeline_spec
@@ -244,7 +244,7 @@ def prediction_inputs(source # a video file, a folder, or a list file of paths
     "`(videos, problems)`: the video files `source` names, and `(file, reason)` for each file left out."
     source = Path(source)
     if not source.exists(): raise FileNotFoundError(f'{source}: no such file or folder')
-    if source.is_dir(): files = sorted(p for p in source.rglob('*') if p.is_file())
+    if source.is_dir(): files = sorted(p for p in source.rglob('*') if p.is_file() and not _hidden(p, source))
     elif source.suffix.lower() in VIDEO_EXTENSIONS: files = [source]
     else:
         lines = [line.strip() for line in source.read_text(errors='replace').splitlines() if line.strip()]
