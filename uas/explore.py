@@ -214,11 +214,14 @@ def choices(self:ClipExplorer) -> list:
 
 @patch
 def refilter(self:ClipExplorer, change=None):
-    "Offer the clips the filters leave (showing the first), or say that none is left."
+    "Offer the clips the filters leave and show the first, or say that none is left."
     c = self.clips
-    self.clip.options = [(f'{Path(c.paths[i]).name}: {c.classes[c.labels[i]]} -> {c.classes[c.predictions[i]]}', i)
-                         for i in self.choices()]
-    if not self.clip.options: self.show()
+    options = [(f'{Path(c.paths[i]).name}: {c.classes[c.labels[i]]} -> {c.classes[c.predictions[i]]}', i) for i in self.choices()]
+    self.clip.unobserve(self.show, names='value') # one `show` per change of filter, not one per change of the list
+    self.clip.options = options
+    self.clip.value = options[0][1] if options else None
+    self.clip.observe(self.show, names='value')
+    self.show()
 
 # %% ../nbs/14_explore.ipynb #c9ba2f6b
 @patch
