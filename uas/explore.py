@@ -132,8 +132,9 @@ def pca_2d(features:np.ndarray # `[N, C]` features
     if x.ndim != 2 or len(x) < 2: raise ValueError(f'PCA needs features [N, C] with N >= 2, got shape {x.shape}')
     x = x - x.mean(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    vt = vt[:2] * np.sign(vt[:2][np.arange(len(vt[:2])), np.abs(vt[:2]).argmax(1)])[:, None]
-    return x @ vt.T, (s[:2] ** 2) / max((s ** 2).sum(), 1e-12)
+    axes = vt[:2]
+    axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])[:, None] # largest coordinate positive
+    return x @ axes.T, s[:2] ** 2 / max((s ** 2).sum(), 1e-12)
 
 # %% ../nbs/14_explore.ipynb #ad1e1193
 def plot_embedding(clips:CachedClips, # a cached set (`cached_clips`)
@@ -175,12 +176,13 @@ def probability_table(probs:np.ndarray, # `[K]` probabilities
                       mark:int=None, # the id of a row to mark in bold (the true behaviour)
                      ) -> str:
     "An HTML table of the `top` most probable names, with their probabilities (3 decimals) and a bar each."
-    order = np.argsort(-np.asarray(probs), kind='stable')[:top]
-    cell = 'padding:1px 6px;text-align:left'
-    rows = ''.join(f'<tr><td style="{cell}">{"<b>" + names[i] + "</b>" if i == mark else names[i]}</td><td style="{cell}">{probs[i]:.3f}</td>'
-                   f'<td style="{cell}"><div style="width:{100 * probs[i]:.0f}px;height:9px;background:#4c72b0"></div></td></tr>'
-                   for i in order)
-    return f'<table>{rows}</table>'
+    td = '<td style="padding:1px 6px;text-align:left">'
+    rows = []
+    for i in np.argsort(-np.asarray(probs), kind='stable')[:top]:
+        name = f'<b>{names[i]}</b>' if i == mark else names[i]
+        bar = f'<div style="width:{100 * probs[i]:.0f}px;height:9px;background:#4c72b0"></div>'
+        rows.append(f'<tr>{td}{name}</td>{td}{probs[i]:.3f}</td>{td}{bar}</td></tr>')
+    return f'<table>{"".join(rows)}</table>'
 
 # %% ../nbs/14_explore.ipynb #d7f575f8
 class ClipExplorer:
@@ -190,14 +192,15 @@ class ClipExplorer:
                  top:int=5, # projected actions shown
                 ):
         self.clips, self.frames, self.top = clips, frames, top
-        self.behaviour = Dropdown(options=[('all', None)] + [(c, k) for k, c in enumerate(clips.classes)], description='behaviour')
+        behaviours = [('all', None)] + [(name, k) for k, name in enumerate(clips.classes)]
+        self.behaviour = Dropdown(options=behaviours, description='behaviour')
         self.outcome = ToggleButtons(options=['all', 'correct', 'wrong'], description='outcome')
         self.clip = Dropdown(description='clip', layout=Layout(width='30em'))
         self.strip, self.title = Image(format='png'), HTML()
         self.probabilities, self.actions = HTML(), HTML()
-        self.widget = VBox([HBox([self.behaviour, self.outcome]), self.clip, self.title, self.strip,
-                            HBox([VBox([HTML('<b>behaviours</b>'), self.probabilities]),
-                                  VBox([HTML(f'<b>top {top} projected actions</b>'), self.actions])])])
+        panels = HBox([VBox([HTML('<b>behaviours</b>'), self.probabilities]),
+                       VBox([HTML(f'<b>top {top} projected actions</b>'), self.actions])])
+        self.widget = VBox([HBox([self.behaviour, self.outcome]), self.clip, self.title, self.strip, panels])
         for control in (self.behaviour, self.outcome): control.observe(self.refilter, names='value')
         self.clip.observe(self.show, names='value')
         self.refilter()
