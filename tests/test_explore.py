@@ -1,18 +1,21 @@
 """The explorer (`uas.explore`): the projection map and the widgets on a Kinetics-400 checkpoint, and the explorer notebook
 and the front page executed in a real Jupyter kernel, the widgets set and what they show checked against a direct computation."""
-import base64, json, re, shutil
+import base64, json, re, shutil, sys
 from io import BytesIO
+from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 from nbclient import NotebookClient
 from PIL import Image
 
 from conftest import ROOT
 from helpers import decode_all, kinetics_checkpoint
 from uas.data import VideoDataset, read_annotations
+from uas.features import CacheMismatchError
 from uas.explore import ClipExplorer, cached_clips, demo_clips, plot_projection_map, projection_map, top_projections
 from uas.features import extract_features
 from uas.mini import mini_dataset
@@ -63,7 +66,7 @@ def check_shown(title:str, probabilities:str, actions:str, strip:bytes, path, be
 
 
 SET_WIDGETS = '''
-import base64, json
+import base64, json, sys
 probe = ClipExplorer(clips)
 shown = {}
 for name, behaviour in (('wrong', int(clips.labels[~clips.correct][0])), ('correct', None)):
@@ -72,14 +75,15 @@ for name, behaviour in (('wrong', int(clips.labels[~clips.correct][0])), ('corre
     shown[name] = dict(path=str(clips.paths[probe.clip.value]), behaviour=behaviour, title=probe.title.value,
                        probabilities=probe.probabilities.value, actions=probe.actions.value,
                        strip=base64.b64encode(probe.strip.value).decode())
-print(json.dumps(dict(work_dir=str(tmp), shown=shown)))
+print(json.dumps(dict(work_dir=str(tmp), shown=shown, python=sys.executable)))
 '''
 
 def test_explorer_notebook_in_a_kernel_shows_what_the_model_computes():
     "Run nbs/14_explore.ipynb in a kernel, set the widgets (behaviour, wrong or correct, clip) and check what they show."
     nb = run_notebook(ROOT/'nbs'/'14_explore.ipynb', SET_WIDGETS, drop_last=True)
     result = json.loads(stdout(nb.cells[-1]))
-    work = __import__('pathlib').Path(result['work_dir'])
+    work = Path(result['work_dir'])
+    assert result['python'] == sys.executable, f"the kernel 'python3' runs {result['python']}, not this environment's Python"
     try:
         target = json.loads((work/'target'/'synthetic.json').read_text())
         model, dataset = load_model(work/'runs'/'uas_head'/'best.pth'), mini_dataset(target, 'test', 'test')
@@ -112,11 +116,11 @@ def kinetics_set(tmp_path_factory):
         dataset = VideoDataset(read_annotations(target['lists']['test']), target['root'],
                                get_pipeline('chimpbehave_val', clip_len=8, short_side=48, crop_size=48))
         cache = extract_features(model.backbone, dataset, tmp/'features', arch='swin3d_mini', progress=False)
-        yield model, dataset, cached_clips(model, cache, dataset, target['classes'])
+        yield model, dataset, cache, cached_clips(model, cache, dataset, target['classes'])
 
 
 def test_projection_map_on_a_kinetics_400_checkpoint_names_the_k400_actions(kinetics_set):
-    model, dataset, clips = kinetics_set
+    model, dataset, cache, clips = kinetics_set
     k400 = (KINETICS/'label_map_k400.txt').read_text().splitlines()
     assert model.kinetics_head.num_classes == 400 and clips.actions == k400
     pmap = projection_map(clips)
@@ -133,7 +137,7 @@ def test_projection_map_on_a_kinetics_400_checkpoint_names_the_k400_actions(kine
 
 def test_explorer_on_a_kinetics_400_checkpoint(kinetics_set):
     "Every behaviour and outcome filter leaves the clips a direct computation says, and shows the first and the last of them."
-    model, dataset, clips = kinetics_set
+    model, dataset, cache, clips = kinetics_set
     computed = [direct(model, dataset, path) for path in clips.paths]
     explorer = ClipExplorer(clips)
     for behaviour in range(len(clips.classes)):
@@ -153,7 +157,9 @@ def test_explorer_on_a_kinetics_400_checkpoint(kinetics_set):
 
 
 def test_bad_input_names_what_is_wrong(kinetics_set, tmp_path):
-    model, dataset, clips = kinetics_set
+    model, dataset, cache, clips = kinetics_set
     with pytest.raises(FileNotFoundError, match=str(tmp_path/'target'/'synthetic.json')): demo_clips(tmp_path)
     plain = build_recognizer('swin3d_mini', 7, 'uas')
     with pytest.raises(ValueError, match='no frozen action head'): cached_clips(plain, None, dataset)
+    with pytest.raises(CacheMismatchError, match=f'{cache.root} was extracted from VideoDataset of {len(dataset)} '):
+        cached_clips(model, cache, Subset(dataset, [0, 1]))

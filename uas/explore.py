@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
 from .cli import _kinetics_names
-from .features import FeatureCache
+from .features import CacheMismatchError, FeatureCache, describe_dataset
 from .metrics import average_views
 from .mini import mini_dataset
 from .model import load_model
@@ -58,11 +58,14 @@ def cached_clips(model, # a recognizer (`uas.model.load_model`) whose backbone m
                  dataset, # the dataset the cache was extracted from (a `VideoDataset`: it names the files)
                  classes:list=None, # behaviour names (default: the model's, else the dataset's, else ids)
                 ) -> CachedClips:
-    "Read a cached set once: the files, labels and features of its clips and both heads' probabilities."
+    "Read a cached set once: the files, labels and features of its clips and both heads' probabilities; checked against `dataset`."
     if not hasattr(model, 'kinetics_head'):
         raise ValueError('the model has no frozen action head (kinetics_head): build it from a checkpoint that has one '
                          "(a Kinetics backbone, or pretrained='mini')")
     if not cache.identity['pooled']: raise ValueError(f'{cache.root} holds whole feature maps: extract pooled features')
+    if cache.identity['dataset'] not in (None, describe_dataset(dataset)):
+        raise CacheMismatchError(f"{cache.root} was extracted from {cache.identity['dataset']}, not from the dataset given "
+                                 f'({describe_dataset(dataset)}): its clips would be given the wrong files')
     behaviours = evaluate_cached(model, cache).scores
     features = _first_draw(cache)
     actions = average_views(model.kinetics_head(features.flatten(0, 1)).unflatten(0, features.shape[:2]))
