@@ -17,6 +17,7 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+notebooks_requirements = shlex.split(cfg.get('notebooks_requirements', '')) # the `notebooks` extra: JupyterLab and a kernel
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 console_scripts = cfg.get('console_scripts', '').split()
@@ -35,7 +36,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg['lib_path']: ['spaces/*.pth']},  # the mini action space (registry name 'mini')
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'notebooks': notebooks_requirements},
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

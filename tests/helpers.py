@@ -181,3 +181,15 @@ def touch_class_folder(root, clips:dict):
         (root/cls).mkdir(parents=True, exist_ok=True)
         for name in names: (root/cls/name).touch()
     return root
+
+
+def kinetics_checkpoint(classes:int=400, seed:int=0):
+    """An official-layout checkpoint (as mmcv saves one) of a random swin3d_mini with a Kinetics head of `classes` classes:
+    what a Kinetics backbone's file looks like, at the size of the tests."""
+    from uas.backbone import swin3d_mini
+    torch.manual_seed(seed)
+    backbone = swin3d_mini()
+    weights = {f'backbone.{k}': v for k, v in backbone.state_dict().items()}
+    weights.update({'cls_head.fc_cls.weight': torch.randn(classes, backbone.num_features) * 0.05,
+                    'cls_head.fc_cls.bias': torch.randn(classes) * 0.05})
+    return official_checkpoint(weights)

@@ -11,7 +11,8 @@ def sh_blocks(markdown):
 
 
 def readme_commands():
-    main_job, test_suite = sh_blocks((ROOT/'README.md').read_text())
+    "The README's commands: the main job, the test suite, opening the notebooks in JupyterLab."
+    main_job, test_suite, notebooks = sh_blocks((ROOT/'README.md').read_text())
     return main_job, test_suite
 
 def test_readme_and_index_give_the_same_commands():
@@ -50,6 +51,17 @@ def test_readme_main_job_runs(tmp_path):
         res = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert res.returncode == 0, res.stderr
         assert 'UAS head, mini space' in res.stdout and (tmp_path/'demo'/'results.csv').exists(), res.stdout
+
+def test_readme_opens_the_notebooks_with_the_notebooks_extra():
+    "The JupyterLab command installs the extra that settings.ini defines, with the constraints, and opens nbs/."
+    notebooks = sh_blocks((ROOT/'README.md').read_text())[2]
+    install, lab = [s.strip() for s in notebooks.split('&&')]
+    assert shlex.split(install) == ['.venv/bin/pip', 'install', '-c', 'constraints.txt', '-e', '.[dev,notebooks]']
+    assert shlex.split(lab) == ['.venv/bin/jupyter', 'lab', 'nbs/']
+    settings = (ROOT/'settings.ini').read_text()
+    extra = re.search(r'^notebooks_requirements = (.*)$', settings, flags=re.M).group(1).split()
+    assert {r.split('>')[0] for r in extra} == {'jupyterlab', 'ipykernel'}
+    assert "'notebooks': notebooks_requirements" in (ROOT/'setup.py').read_text()
 
 def test_python_dash_m_bench_dispatches(tmp_path):
     res = subprocess.run([sys.executable, '-m', 'uas.bench', 'env', '--out_dir', str(tmp_path)],

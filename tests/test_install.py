@@ -26,6 +26,8 @@ def test_wheel_metadata(wheel):
     runtime = [l for l in meta.splitlines() if l.startswith('Requires-Dist:') and 'extra ==' not in l]
     assert not [l for l in runtime if 'nbdev' in l or 'execnb' in l], 'the nbdev pins belong to the dev extra'
     assert 'Requires-Dist: nbdev<3,>=2.4; extra == "dev"' in meta
+    for dev in ('nbclient>=0.10', 'ipykernel>=6.29'): assert f'Requires-Dist: {dev}; extra == "dev"' in meta, dev
+    for nb in ('jupyterlab>=4.2', 'ipykernel>=6.29'): assert f'Requires-Dist: {nb}; extra == "notebooks"' in meta, nb
     entry = z.read(next(n for n in z.namelist() if n.endswith('entry_points.txt'))).decode()
     assert 'uas_bench = uas.bench:main' in entry
     assert 'uas_split = uas.config:uas_split' in entry and 'uas_check = uas.config:uas_check' in entry
@@ -33,6 +35,11 @@ def test_wheel_metadata(wheel):
                    'uas_predict = uas.cli:predict_main', 'uas_demo = uas.demo:demo_main', 'uas_mini_space = uas.mini:mini_space_main',
                    'uas_timeline = uas.timeline:timeline_main'):
         assert script in entry, script
+
+def test_constraints_pin_the_kernel_and_jupyterlab():
+    "The notebooks extra and the kernel of the dev extra install the versions they were tested with."
+    pins = dict(l.split('==') for l in (ROOT/'constraints.txt').read_text().splitlines() if '==' in l and not l.startswith('#'))
+    for name in ('jupyterlab', 'ipykernel', 'nbclient', 'nbformat', 'jupyter_client', 'pyzmq', 'tornado'): assert name in pins, name
 
 def test_wheel_ships_the_mini_action_space(wheel):
     assert 'uas/spaces/mini.pth' in zipfile.ZipFile(wheel).namelist()
