@@ -7,7 +7,8 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from uas.config import SPLITS
+from uas.bench import main as bench
+from uas.config import SPLITS, ConfigError
 from uas.synthetic import make_synthetic
 from uas.tables import NOT_RUN, efficiency_points, fill_commands, paper_table, reproduce, write_figures
 
@@ -30,7 +31,7 @@ rows:
 def data_root(tmp_path_factory):
     "A data root as the presets expect it: the synthetic target set's lists in data/synthetic/."
     root = tmp_path_factory.mktemp('tables')
-    make_synthetic(root/'data'/'synthetic', 'target', seed=0, splits=dict(train=14, val=7, test=7), min_per_class=1,
+    make_synthetic(root/'data'/'synthetic', 'target', seed=0, splits=dict(train=7, val=7, test=7), min_per_class=1,
                    size=(32, 32), num_frames=8)
     return root
 
@@ -111,5 +112,17 @@ def test_a_bad_table_file_is_one_line_naming_file_and_row(data_root, tmp_path):
     done = script(tmp_path/'bad.yaml', '--data-root', data_root)
     assert done.returncode == 1 and 'Traceback' not in done.stderr
     assert f"uas_reproduce: error: {tmp_path/'bad.yaml'}: rows[1]: needs 'config', a string" in done.stderr
-    unknown = script('C', '--data-root', data_root, '--rows', 'k700diff_k600_lora_r8')
-    assert unknown.returncode == 1 and 'k700diff_k600_lora_r8' in unknown.stderr and 'k700diff_k600_lora' in unknown.stderr
+    with pytest.raises(ConfigError, match=r"--rows: \['k700diff_k600_lora_r8'\] are not rows of table C: k700diff_k600, "):
+        reproduce('C', data_root, tmp_path/'runs', rows=['k700diff_k600_lora_r8'])
+
+
+def test_table_c_puts_the_measured_cost_beside_the_papers(tmp_path):
+    "A cost record (the quick `uas_bench cost`) fills Table C's measured cost column, named by device and clock, mode by mode."
+    assert bench(['cost', '--quick', '--out_dir', str(tmp_path)]) == 0
+    cost = json.loads((tmp_path/'cost.json').read_text())['results']['devices']['cpu']
+    table = paper_table('C', tmp_path/'runs', cost=tmp_path/'cost.json')
+    measured = table[f"cost / full ({cost['name']}, cpu time)"]
+    relative = {m: row['relative'] for m, row in cost['tables']['cpu'].items()}
+    assert measured.tolist() == [relative['uas'], relative['lora'], 1.0]
+    assert table['cost / full (paper)'].round(2).tolist() == [0.51, 0.82, 1.0]
+    assert 'cost / full (paper)' not in paper_table('B', tmp_path/'runs', cost=tmp_path/'cost.json')

@@ -166,10 +166,11 @@ def row_cells(row:Row, # a row of a table
 # %% ../nbs/21_tables.ipynb #16a36ee4
 def measured_cost(path=None # a `uas_bench cost` record (default: `figures/data/cost.json` of the checkout)
                  ) -> dict:
-    "`{device name: {mode: cost per clip / full fine-tuning's}}` of a cost record; {} when there is none."
+    "`{'<device>, <clock> time': {mode: cost per clip / full fine-tuning's}}` of a cost record, on each device's headline clock; {} without one."
     record = _read_json(Path(path) if path else results_dir()/'cost.json')
     if record is None: return {}
-    return {d['name']: {mode: row['relative'] for mode, row in d['table'].items()} for d in record['results']['devices'].values()}
+    return {f"{d['name']}, {d['clock']} time": {mode: row['relative'] for mode, row in d['tables'][d['clock']].items()}
+            for d in record['results']['devices'].values()}
 
 def _with_cost(df:pd.DataFrame, table:Table, cost:dict) -> pd.DataFrame:
     "`df` with cost relative to full fine-tuning, the paper's and each measured device's, if the table has a full row."
