@@ -10,7 +10,9 @@ import pytest
 from uas.bench import main as bench
 from uas.config import SPLITS, ConfigError
 from uas.synthetic import make_synthetic
-from uas.tables import NOT_RUN, efficiency_points, fill_commands, paper_table, reproduce, write_figures
+from uas.cli import train_config
+from uas.tables import NOT_RUN, efficiency_points, fill_commands, load_table, paper_table, reproduce, row_config, write_figures
+from uas.train import Callback, CancelFitException
 
 BIN = Path(sys.executable).parent
 SMALL = ['data.workers_per_gpu=0', 'total_epochs=1', 'load_from=mini',
@@ -126,3 +128,23 @@ def test_table_c_puts_the_measured_cost_beside_the_papers(tmp_path):
     assert measured.tolist() == [relative['uas'], relative['lora'], 1.0]
     assert table['cost / full (paper)'].round(2).tolist() == [0.51, 0.82, 1.0]
     assert 'cost / full (paper)' not in paper_table('B', tmp_path/'runs', cost=tmp_path/'cost.json')
+
+
+class StopAfterFirstEpoch(Callback):
+    "End training as the second epoch starts, after the first was saved: a run stopped half-way."
+    def before_epoch(self, learn):
+        if learn.epoch == 1: raise CancelFitException()
+
+
+def test_a_stopped_row_resumes_from_its_latest_checkpoint(data_root, tmp_path, capsys):
+    (tmp_path/'two.yaml').write_text(TWO_ROWS)
+    row = load_table(tmp_path/'two.yaml').rows[0]
+    options = [o for o in SMALL if o != 'total_epochs=1'] + ['total_epochs=2']
+    train_config(row_config(row, data_root, tmp_path/'runs', options), row.config, cbs=[StopAfterFirstEpoch()], progress=False)
+    run = tmp_path/'runs'/'head_a'
+    assert (run/'latest.pth').is_file() and not (run/'record.json').exists()
+    reproduce(tmp_path/'two.yaml', data_root, tmp_path/'runs', options, rows=['head_a'], progress=False)
+    assert 'head_a: resumed, trained and tested' in capsys.readouterr().out
+    events = [json.loads(line)['event'] for line in (run/'log.jsonl').read_text().splitlines()]
+    assert events.count('start') == 1 and events.count('resume') == 1 and events.count('epoch') == 2
+    assert json.loads((run/'record.json').read_text())['epochs'] == 2 and (run/'test_epoch_2.json').is_file()

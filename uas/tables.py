@@ -315,7 +315,7 @@ def _demo_points(path:Path) -> list:
     trainable = {r['method']: r['trainable_parameters'] for r in runs}
     return [dict(task='synthetic target behaviours (demo)', source=f"demo (uas_bench demo, {record['results']['seeds']} seeds)", method=m, mode=_mode_of(m),
                  relative_time=s['seconds_mean'] / full, mean_class_accuracy=100 * s['mean_class_accuracy_mean'],
-                 top1_acc=100 * s['top1_acc_mean'], trainable_parameters=trainable[m], seconds=s['seconds_mean'], where=f"{path}: {record['command']}")
+                 top1_acc=100 * s['top1_acc_mean'], trainable_parameters=trainable[m], seconds=s['seconds_mean'], where=f"{path.name}: {record['command']}")
             for m, s in summary.items()]
 
 def _run_points(runs) -> list:
