@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from fastcore.script import store_true
 
-from .bench import bench_scene, benchmark, record, time_calls
+from .bench import bench_scene, benchmark, record
 from .config import TrainSettings
 from .data import VideoDataset
 from .features import extract_features

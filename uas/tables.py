@@ -90,7 +90,7 @@ def _yaml_row(entry, where:str, folder:Path) -> Row:
     config = folder/entry['config'] if (folder/entry['config']).is_file() else entry['config']
     return Row(entry['run'], str(config), options, entry.get('label'))
 
-def load_table(spec:str # 'A', 'B', 'C', or a YAML file of `title` and `rows`
+def load_table(spec # 'A', 'B', 'C', a YAML file of `title` and `rows`, or a `Table` (returned as it is)
               ) -> Table:
     "The table `spec` names: one of the paper's, or one defined in a YAML file."
     if isinstance(spec, Table): return spec
@@ -131,6 +131,7 @@ def row_records(row:Row, # a row of a table
 # %% ../nbs/21_tables.ipynb #91e3d2c3
 @lru_cache(maxsize=None)
 def _trainable(arch, num_classes, mode, lora) -> int:
+    "Trainable parameters of a recognizer built so; `lora` is (rank, alpha, targets, stages)."
     rank, alpha, targets, stages = lora
     model = build_recognizer(arch, num_classes, mode, lora_rank=rank, lora_alpha=alpha, lora_targets=targets, lora_stages=stages)
     return count_parameters(model)[1]
