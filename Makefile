@@ -1,5 +1,5 @@
 # Developer commands. The test suite that CI runs is the README's: `bash .ci/run`.
-.PHONY: dev sync readme test
+.PHONY: dev sync readme test figures
 
 # Clean and export the notebooks, refresh README.md from nbs/index.ipynb, run the quick tests (no slow ones).
 dev: sync readme
@@ -16,3 +16,7 @@ readme:
 
 test:
 	bash .ci/run
+
+# Rewrite figures/ (efficiency.png, efficiency.csv, table_A/B/C.csv) from figures/data and the runs under $$UAS_RUNS (else runs/).
+figures:
+	.venv/bin/python -c "from uas.tables import write_figures; write_figures('figures')"

@@ -524,7 +524,7 @@ def bench_pipeline(quick:store_true=False, # seconds, for tests: one 16-frame 64
     return record('pipeline', out, out_dir, clips_per_s=headline[lead], **headline, threads=threads, load=out['load_before'])
 
 # %% ../nbs/12_bench.ipynb #d216e856
-BENCHMARK_MODULES = ('uas.demo', 'uas.timeline') # benchmarks that live beside their subject register when their module is imported
+BENCHMARK_MODULES = ('uas.demo', 'uas.timeline', 'uas.cost') # benchmarks that live beside their subject register when their module is imported
 benchmark('check')(bench_check) # `check_dataset` on a long clip, defined beside it in `uas.data` (which cannot import this module)
 
 def main(argv:list=None # the arguments after the program name; default `sys.argv[1:]`
