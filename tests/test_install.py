@@ -33,7 +33,7 @@ def test_wheel_metadata(wheel):
     assert 'uas_split = uas.config:uas_split' in entry and 'uas_check = uas.config:uas_check' in entry
     for script in ('uas_train = uas.cli:train_main', 'uas_test = uas.cli:test_main', 'uas_extract = uas.cli:extract_main',
                    'uas_predict = uas.cli:predict_main', 'uas_demo = uas.demo:demo_main', 'uas_mini_space = uas.mini:mini_space_main',
-                   'uas_timeline = uas.timeline:timeline_main'):
+                   'uas_timeline = uas.timeline:timeline_main', 'uas_reproduce = uas.tables:reproduce_main'):
         assert script in entry, script
 
 def test_constraints_pin_the_kernel_and_jupyterlab():
