@@ -126,6 +126,7 @@ class TrainSettings:
 
     def __post_init__(self):
         for f in fields(self): setattr(self, f.name, _python(getattr(self, f.name)))
+        if self.amp in (False, 'False', 'false'): self.amp = 'no'  # YAML reads `amp=no` as false
         _choice('train.mode', self.mode, MODES)
         _choice('train.recipe', self.recipe, RECIPES)
         _choice('amp', self.amp, AMP)
