@@ -52,7 +52,7 @@ def make_recording(path, # the mp4 file to write
                    bouts:list, # `[(behaviour, clips), ...]`, e.g. from `bout_plan`
                    size=(64, 64), # frame (height, width), both even
                    fps:int=16, # frames per second
-                   clip_frames:int=32, # frames per clip; a bout lasts `clips * clip_frames` frames
+                   clip_frames:int=32, # frames per clip; a bout lasts `clips * clip_frames` frames (a motion spans one clip: match the clips a head learned from)
                    seed:int=0, # the recording's seed
                    difficulty='default', # a `uas.synthetic` difficulty preset, dict or `Difficulty`
                    crf:int=23 # x264 quality
