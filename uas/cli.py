@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['USER_ERRORS', 'TEST_METRICS', 'reference_spelling', 'run_script', 'config_dataset', 'test_pipeline', 'save_config',
            'train_config', 'uas_train', 'train_main', 'uas_extract', 'extract_main', 'test_checkpoint', 'uas_test',
-           'test_main', 'prediction_inputs', 'predict_clips', 'uas_predict', 'predict_main']
+           'test_main', 'prediction_inputs', 'action_names', 'predict_clips', 'uas_predict', 'predict_main']
 
 # %% ../nbs/10_cli.ipynb #c1100003
 import hashlib, json, sys, time, warnings
@@ -255,8 +255,9 @@ def prediction_inputs(source # a video file, a folder, or a list file of paths
                 for f in files if f not in videos]
     return videos, problems
 
-# %% ../nbs/10_cli.ipynb #49947005
-def _kinetics_names(model) -> list|None:
+# %% ../nbs/10_cli.ipynb #a71c0e02
+def action_names(model # a recognizer (`uas.model.build_recognizer`, `load_model`)
+                ) -> list|None:
     "The class names of the model's action head (Kinetics, or those its checkpoint gives), ids when out of reach, None without one."
     head = getattr(model, 'kinetics_head', None)
     if head is None: return None
@@ -266,6 +267,7 @@ def _kinetics_names(model) -> list|None:
         warnings.warn(f'Kinetics class names unavailable ({e}): Kinetics actions are shown by id')
         return [f'kinetics #{i}' for i in range(head.num_classes)]
 
+# %% ../nbs/10_cli.ipynb #49947005
 def _top(probs:torch.Tensor, names:list, k:int, prefix:str) -> dict:
     "The `k` most probable names and their probabilities as columns `prefix_1`, `p_prefix_1`, ..."
     values, ids = probs.topk(min(k, len(names)))
@@ -281,7 +283,7 @@ def predict_clips(model, # a recognizer loaded from a model file (`uas.model.loa
     "`(predictions, problems)`: a row of top-k behaviours (and Kinetics actions) per readable video; `(file, reason)` for the others."
     pipeline, device = model_pipeline(model), next(model.cls_head.parameters()).device
     classes = model.classes or [str(i) for i in range(model.cls_head.num_classes)]
-    kinetics = _kinetics_names(model)
+    kinetics = action_names(model)
     model.eval()
     rows, problems = [], []
     for path in tqdm(videos, unit='clip', desc='predict', disable=not progress, leave=False):

@@ -21,7 +21,7 @@ from ipywidgets import HTML, Dropdown, HBox, Image, Layout, ToggleButtons, VBox
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
-from .cli import _kinetics_names
+from .cli import action_names
 from .features import CacheMismatchError, FeatureCache, describe_dataset
 from .metrics import average_views
 from .mini import mini_dataset
@@ -74,7 +74,7 @@ def cached_clips(model, # a recognizer (`uas.model.load_model`) whose backbone m
     if len(classes) != behaviours.shape[1]: raise ValueError(f'{len(classes)} class names for {behaviours.shape[1]} behaviours')
     return CachedClips(paths=[dataset.clip_path(i) for i in cache.indices.tolist()], labels=cache.labels.numpy(),
                        features=features.mean(1).numpy(), behaviour_probs=behaviours.numpy(), action_probs=actions.numpy(),
-                       classes=list(classes), actions=list(_kinetics_names(model)))
+                       classes=list(classes), actions=list(action_names(model)))
 
 # %% ../nbs/14_explore.ipynb #ba0ca2df
 def demo_clips(work_dir, # the folder `uas_demo` (or `demo_run`) wrote: `target/` and `runs/uas_head/`
